@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make demo` (set up, run the quickstart) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+
+# torch first and pinned: an unpinned torch (or one pulled in by a dependency) brings GBs of CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/deploykit optimize -c pipelines/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,47 @@
+"""What ran a stage: library versions and the machine, including its load (the machines are shared)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+_PACKAGES = ("deploykit", "torch", "numpy", "onnx", "onnxruntime", "torch-pruning", "torchao", "scikit-learn")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, torch threads, GPU and the 1/5/15-minute load averages at this moment."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    return info

@@ -1,0 +1,3 @@
+"""Built-in stages; importing this package registers them."""
+
+from deploykit.stages import train  # noqa: F401

@@ -1,0 +1,17 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # plugin_stages for engine tests
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run inside a temporary working directory (runs/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
