@@ -1,0 +1,129 @@
+"""Model files: a tensors-only state_dict plus a JSON description that rebuilds the architecture.
+
+Everything is written atomically and read with `weights_only=True`, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deploykit.errors import DeploykitError
+from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
+
+CHECKPOINT_FILE = "model.pt"
+ARCH_FILE = "model.json"
+_ARCH_KEYS = ("name", "num_classes", "in_channels")
+
+# What torch.load raises for a truncated, foreign or code-carrying file.
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, renamed into place only when complete."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: Path, what: str) -> Any:
+    """torch.load(weights_only=True) on CPU; a missing or unreadable file becomes a DeploykitError naming `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeploykitError(f"The {what} {path} does not exist: check the path or re-run the step that writes it.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as exc:
+        raise DeploykitError(
+            f"The {what} {path} could not be read as a tensors-only torch file ({exc.__class__.__name__}): "
+            "re-create it with torch.save(model.state_dict(), path)."
+        ) from exc
+
+
+def state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The state_dict inside a loaded file: either the file's whole content or its "state_dict" entry."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise DeploykitError(
+            f"The {what} {path} does not hold a state_dict: save one with torch.save(model.state_dict(), path)."
+        )
+    return obj
+
+
+def save_model(model: nn.Module, arch: dict, directory: Path) -> dict[str, Path]:
+    """Write directory/model.pt (the state_dict, CPU tensors) and directory/model.json (`arch`)."""
+    missing = [k for k in _ARCH_KEYS if k not in arch]
+    if missing:
+        raise DeploykitError(
+            f"The model description lacks {', '.join(missing)}: pass name, num_classes and in_channels."
+        )
+    directory = Path(directory)
+    checkpoint, arch_path = directory / CHECKPOINT_FILE, directory / ARCH_FILE
+    save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, checkpoint)
+    atomic_write_json(arch_path, {**{k: arch[k] for k in _ARCH_KEYS}, "options": dict(arch.get("options", {}))})
+    return {"checkpoint": checkpoint, "arch": arch_path}
+
+
+def load_model(directory: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the zoo model described by directory/model.json and load directory/model.pt into it (eval mode)."""
+    from deploykit.zoo import get_model  # the zoo imports every family; only loading needs it
+
+    directory = Path(directory)
+    arch_path = directory / ARCH_FILE
+    try:
+        arch = json.loads(arch_path.read_text())
+    except FileNotFoundError:
+        raise DeploykitError(
+            f"The model description {arch_path} does not exist: point to a directory written by the train stage."
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DeploykitError(
+            f"The model description {arch_path} is not valid JSON ({exc}): re-run the stage that wrote it."
+        ) from exc
+    checkpoint = directory / CHECKPOINT_FILE
+    state = state_dict_from(load_torch(checkpoint, "model checkpoint"), checkpoint, "model checkpoint")
+    model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("options", {}))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DeploykitError(
+            f"The model checkpoint {checkpoint} does not match the architecture in {arch_path}: "
+            "re-run the stage that wrote them."
+        ) from exc
+    return model.eval(), arch
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG (torch, CUDA, numpy, python) as tensors and numbers, so it saves with weights_only."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))

@@ -1,0 +1,236 @@
+"""The advanced cheat sheet's debugging patterns, run during and after training.
+
+- `GradientMonitor`: per-layer gradient L2 norms, flagging exploding (> explode_threshold) and vanishing
+  (< vanish_threshold) layers, as in "Gradient Flow Issues".
+- `TrainingDiverged`: a NaN/Inf loss stops training at once ("NaN loss" row).
+- `classify_curves`: reads the epoch history against the "Loss and Accuracy Patterns" table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploykit.errors import DeploykitError
+from deploykit.train.config import DiagnosticsConfig
+
+GRADIENT_SOLUTIONS = {
+    "exploding": ["gradient clipping (train.grad_clip_norm)", "lower learning rate"],
+    "vanishing": ["residual connections", "proper initialization"],
+}
+
+CURVE_SOLUTIONS: dict[str, list[str]] = {
+    "overfitting": [
+        "add regularization (dropout, weight decay)",
+        "get more data or augment it",
+        "reduce model complexity",
+        "use early stopping on the validation loss",
+    ],
+    "underfitting": [
+        "add model capacity (layers/parameters)",
+        "try a 10x higher learning rate",
+        "train for more epochs",
+        "inspect the data quality",
+        "check that the architecture suits the task",
+    ],
+    "oscillating": ["lower the learning rate", "add momentum"],
+    "plateau": [
+        "use warm restarts (schedule cosine_restarts)",
+        "use learning-rate scheduling or a higher learning rate",
+    ],
+    "over-regularized": ["reduce regularization (dropout, weight decay, label smoothing, MixUp)"],
+    "healthy": [],
+}
+
+# classify_curves thresholds: relative changes unless noted.
+OVERFIT_RISE = 0.10  # val loss this far above its minimum, while train loss kept falling
+OVERFIT_ACC_GAP = 0.10  # train accuracy above val accuracy by this much (absolute)
+OSCILLATION_STEP = 0.10  # a move of the loss counted as large
+OSCILLATION_REVERSALS = 3  # direction changes among large moves
+OVERREG_MARGIN = 0.20  # train loss above the previous epoch's val loss by this much
+UNDERFIT_ACC = 0.50  # final train accuracy below this
+PLATEAU_GAIN = 0.01  # best improvement of the train loss over the last third of training
+CONVERGED_ACC = 0.98  # a flat loss at this train accuracy is convergence, not a plateau
+
+
+class TrainingDiverged(DeploykitError):
+    """The loss became NaN or Inf; training stopped at once and wrote no final model."""
+
+    def __init__(
+        self, loss: float, epoch: int, batch: int, num_batches: int, step: int, lr: float, grad_clip_norm: float | None
+    ) -> None:
+        self.epoch, self.batch, self.step = epoch, batch, step
+        clip = f"lower grad_clip_norm (now {grad_clip_norm:g})" if grad_clip_norm else "set grad_clip_norm"
+        super().__init__(
+            f"Loss became {loss} at epoch {epoch}, batch {batch} of {num_batches} (optimizer step {step}): "
+            f"lower the learning rate (now {lr:.3g}), {clip}, or check the input data for NaN/Inf."
+        )
+
+
+class GradientMonitor:
+    """Checks per-parameter gradient norms on the first optimizer step and every `grad_norm_every` steps after.
+
+    For each flagged parameter it keeps the extreme norm, the first and last flagged step and a count, and
+    logs one warning per parameter the first time it is flagged.
+    """
+
+    def __init__(self, cfg: DiagnosticsConfig, log: Callable[[str], None]) -> None:
+        self.cfg, self._log = cfg, log
+        self.flags: dict[str, dict[str, dict[str, float | int]]] = {"exploding": {}, "vanishing": {}}
+        self.checks = 0
+
+    def due(self, step: int) -> bool:
+        """`step` counts optimizer steps from 1."""
+        return step == 1 or step % self.cfg.grad_norm_every == 0
+
+    @torch.no_grad()
+    def check(self, model: nn.Module, step: int, skip_nonfinite: bool = False) -> None:
+        """Flag layers by the norms of their current (unscaled) gradients; frozen or unused parameters are ignored.
+
+        skip_nonfinite: under fp16 loss scaling an Inf gradient is an overflow the scaler handles, not a flag.
+        """
+        named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+        if not named:
+            return
+        norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for _, g in named]).tolist()
+        self.checks += 1
+        for (name, _), norm in zip(named, norms, strict=True):
+            if skip_nonfinite and not math.isfinite(norm):
+                continue
+            if not norm <= self.cfg.explode_threshold:  # NaN counts as exploding
+                self._flag("exploding", name, norm, step, max)
+            elif norm < self.cfg.vanish_threshold:
+                self._flag("vanishing", name, norm, step, min)
+
+    def _flag(self, kind: str, name: str, norm: float, step: int, extreme: Callable[[float, float], float]) -> None:
+        key = "max_norm" if kind == "exploding" else "min_norm"
+        entry = self.flags[kind].get(name)
+        if entry is None:
+            self.flags[kind][name] = {key: norm, "first_step": step, "last_step": step, "count": 1}
+            self._log(
+                f"[yellow]warning:[/yellow] {kind} gradient in {name} (norm {norm:.3g} at step {step}): "
+                f"try {' or '.join(GRADIENT_SOLUTIONS[kind])}."
+            )
+            return
+        entry[key] = extreme(entry[key], norm)
+        entry["last_step"] = step
+        entry["count"] += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "checks": self.checks,
+            "exploding": self.flags["exploding"],
+            "vanishing": self.flags["vanishing"],
+            "solutions": {kind: GRADIENT_SOLUTIONS[kind] for kind in self.flags if self.flags[kind]},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flags": self.flags, "checks": self.checks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.flags, self.checks = state["flags"], state["checks"]
+
+
+def classify_curves(history: list[dict]) -> dict[str, Any]:
+    """Name the pattern of a run's curves: overfitting, underfitting, oscillating, plateau, over-regularized or healthy.
+
+    `history` holds one dict per epoch with train_loss (or train_ce), train_acc, val_loss and val_acc. Checks run in that
+    order of precedence: oscillating, overfitting, over-regularized, underfitting, plateau; the first that
+    fires wins. Returns {"finding", "evidence" (one sentence with the numbers), "solutions" (cheat sheet)}.
+    Train metrics are averages over the epoch while val metrics are taken at its end, so comparisons
+    between them lean towards the train side looking worse; the thresholds above leave room for that.
+    """
+    if not history:
+        return _finding("healthy", "No epochs were run, so there is nothing to judge.")
+    # train_ce is the val loss's criterion on the train batches; train_loss may carry label smoothing.
+    tl = [h.get("train_ce", h["train_loss"]) for h in history]
+    vl = [h["val_loss"] for h in history]
+    ta, va = history[-1]["train_acc"], history[-1]["val_acc"]
+    for check in (_oscillating, _overfitting, _over_regularized, _underfitting, _plateau):
+        found = check(tl, vl, ta, va)
+        if found is not None:
+            return found
+    return _finding(
+        "healthy",
+        f"Train loss went from {tl[0]:.3g} to {tl[-1]:.3g} and val loss from {vl[0]:.3g} to {vl[-1]:.3g} "
+        f"(train acc {ta:.1%}, val acc {va:.1%}) without a warning sign.",
+    )
+
+
+def _finding(finding: str, evidence: str) -> dict[str, Any]:
+    return {"finding": finding, "evidence": evidence, "solutions": CURVE_SOLUTIONS[finding]}
+
+
+def _reversals(losses: list[float]) -> int:
+    """Direction changes among large relative moves of a loss curve."""
+    moves = [(b - a) / max(abs(a), 1e-12) for a, b in zip(losses, losses[1:])]
+    signs = [m > 0 for m in moves if abs(m) > OSCILLATION_STEP]
+    return sum(a != b for a, b in zip(signs, signs[1:]))
+
+
+def _oscillating(tl: list[float], vl: list[float], ta: float, va: float) -> dict[str, Any] | None:
+    for name, losses in (("train", tl), ("val", vl)):
+        n = _reversals(losses)
+        if n >= OSCILLATION_REVERSALS:
+            return _finding(
+                "oscillating",
+                f"The {name} loss changed direction {n} times by more than {OSCILLATION_STEP:.0%} "
+                f"(between {min(losses):.3g} and {max(losses):.3g}).",
+            )
+    return None
+
+
+def _overfitting(tl: list[float], vl: list[float], ta: float, va: float) -> dict[str, Any] | None:
+    best = min(range(len(vl)), key=vl.__getitem__)
+    if vl[-1] > vl[best] * (1 + OVERFIT_RISE) and tl[-1] < tl[best]:
+        return _finding(
+            "overfitting",
+            f"Val loss rose from its minimum {vl[best]:.3g} (epoch {best + 1}) to {vl[-1]:.3g} while train loss "
+            f"kept falling from {tl[best]:.3g} to {tl[-1]:.3g}.",
+        )
+    if ta - va > OVERFIT_ACC_GAP:
+        return _finding("overfitting", f"Train accuracy {ta:.1%} is {ta - va:.1%} above val accuracy {va:.1%}.")
+    return None
+
+
+def _over_regularized(tl: list[float], vl: list[float], ta: float, va: float) -> dict[str, Any] | None:
+    # Compared with the previous epoch's val loss: the epoch's train loss averages a model that started there
+    # and improved, so without regularization it should not exceed it.
+    if len(tl) >= 2 and tl[-1] > vl[-2] * (1 + OVERREG_MARGIN) and tl[-1] > vl[-1]:
+        return _finding(
+            "over-regularized",
+            f"Train loss {tl[-1]:.3g} is above the val loss {vl[-1]:.3g} and {tl[-1] / vl[-2] - 1:.0%} above "
+            f"the previous epoch's val loss {vl[-2]:.3g}.",
+        )
+    return None
+
+
+def _underfitting(tl: list[float], vl: list[float], ta: float, va: float) -> dict[str, Any] | None:
+    if ta >= UNDERFIT_ACC:
+        return None
+    half = tl[len(tl) // 2]
+    gain = (half - tl[-1]) / max(abs(half), 1e-12)
+    trend = "barely decreasing" if gain < 0.1 else "still falling, so more epochs may help"
+    return _finding(
+        "underfitting",
+        f"Train accuracy is only {ta:.1%} with train loss {tl[-1]:.3g}, {trend} "
+        f"({gain:.0%} lower over the second half).",
+    )
+
+
+def _plateau(tl: list[float], vl: list[float], ta: float, va: float) -> dict[str, Any] | None:
+    if len(tl) < 3 or ta >= CONVERGED_ACC:
+        return None
+    start = len(tl) - max(2, len(tl) // 3)
+    gain = (tl[start] - min(tl[start:])) / max(abs(tl[start]), 1e-12)
+    if gain < PLATEAU_GAIN:
+        return _finding(
+            "plateau",
+            f"Train loss improved only {gain:.2%} over the last {len(tl) - start} epochs (from {tl[start]:.3g}), "
+            f"at {ta:.1%} train accuracy.",
+        )
+    return None

@@ -1,0 +1,104 @@
+"""The `deploykit` command end to end: quickstart accuracy, cache, kill-and-resume, DDP, errors."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from deploykit.cli import app
+
+from conftest import REPO
+
+runner = CliRunner()
+
+
+def test_schema_and_models_commands():
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["title"] == "Pipeline"
+    result = runner.invoke(app, ["models", "--image-size", "224"])
+    assert result.exit_code == 0
+    assert "11,689,512" in result.stdout and "25,557,032" in result.stdout and "efficientnet_b7" in result.stdout
+
+
+def test_config_error_exits_2_with_one_sentence(in_tmp):
+    bad = (REPO / "pipelines/quickstart.yaml").read_text().replace("epochs: 8", "epoch: 8")
+    (in_tmp / "bad.yaml").write_text(bad)
+    result = runner.invoke(app, ["optimize", "-c", "bad.yaml"])
+    assert result.exit_code == 2
+    assert "unknown key 'epoch'" in result.stderr and "Traceback" not in result.stderr
+    assert not (in_tmp / "runs").exists()  # nothing started
+
+
+def _small_pipeline(tmp: Path, epochs: int, name: str = "small") -> Path:
+    cfg = yaml.safe_load((REPO / "pipelines/quickstart.yaml").read_text())
+    cfg["name"] = name
+    cfg["data"]["image_size"] = 16
+    cfg["stages"][0]["epochs"] = epochs
+    cfg["stages"][0]["batch_size"] = 32
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_97_percent_and_reruns_from_cache(in_tmp):
+    shutil.copy(REPO / "pipelines/quickstart.yaml", in_tmp / "q.yaml")
+    result = runner.invoke(app, ["optimize", "-c", "q.yaml", "-q"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((in_tmp / "runs/quickstart/train/meta.json").read_text())
+    assert meta["metrics"]["val_acc"] >= 0.97
+    assert (in_tmp / "runs/quickstart/train/model.pt").is_file()
+    assert len((in_tmp / "runs/quickstart/train/history.csv").read_text().splitlines()) == 1 + 8
+
+    start = time.perf_counter()
+    result = runner.invoke(app, ["optimize", "-c", "q.yaml", "-q"])
+    assert result.exit_code == 0 and "cached" in result.stdout
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_resumes_from_last_epoch(in_tmp):
+    path = _small_pipeline(in_tmp, epochs=4)
+    proc = subprocess.Popen([sys.executable, "-m", "deploykit", "optimize", "-c", str(path), "-q"], cwd=in_tmp)
+    run_dir = in_tmp / "runs/small"
+    deadline = time.time() + 240
+    while not list(run_dir.glob(".work/train-*/last.pt")):  # at least one epoch checkpointed
+        assert time.time() < deadline and proc.poll() is None, "training never checkpointed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run_dir / "train").exists()  # no half-written stage folder
+
+    result = runner.invoke(app, ["optimize", "-c", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run_dir / "train/meta.json").read_text())["metrics"]
+    assert metrics["resumed_from_epoch"] >= 1 and metrics["epochs_run"] == 4
+    assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".work/train-*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_through_the_cli(in_tmp):
+    path = _small_pipeline(in_tmp, epochs=3, name="ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "deploykit", "train", "-c", str(path), "-q"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((in_tmp / "runs/ddp/train/meta.json").read_text())
+    assert meta["metrics"]["val_acc"] > 0.8
+    assert [p.name for p in (in_tmp / "runs/ddp").iterdir() if p.name.startswith(".tmp")] == []
