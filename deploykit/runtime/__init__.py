@@ -1,0 +1,75 @@
+"""One small interface over torch / ONNX Runtime / TensorRT: `Session.run(x) -> logits`.
+
+Benchmarks, quantization, export parity checks and serving checks all take a Session, so they never
+care which runtime sits behind it. `open_artifact` picks the runtime from what a path holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from deploykit.errors import DeploykitError
+from deploykit.runtime.base import NO_GPU, TENSORRT_MISSING, Session, require_tensorrt
+from deploykit.runtime.ort_rt import onnx_precision, ort_session
+from deploykit.runtime.torch_rt import torch_session
+from deploykit.runtime.trt_rt import engine_metadata_path, trt_session
+
+__all__ = [
+    "NO_GPU",
+    "TENSORRT_MISSING",
+    "Session",
+    "engine_metadata_path",
+    "evaluate_accuracy",
+    "onnx_precision",
+    "open_artifact",
+    "ort_session",
+    "require_tensorrt",
+    "torch_session",
+    "trt_session",
+]
+
+_ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def open_artifact(path: Path, threads: int | None = None) -> Session:
+    """A Session for a .onnx file (ONNX Runtime), a .plan/.engine file (TensorRT) or a model directory (torch)."""
+    path = Path(path)
+    if path.is_dir() and (path / "model.json").is_file():
+        from deploykit.train import load_model
+
+        model, _ = load_model(path)
+        session = torch_session(model, threads)
+        session.path = path
+        return session
+    if path.suffix == ".onnx":
+        return ort_session(path, threads)
+    if path.suffix in _ENGINE_SUFFIXES:
+        return trt_session(path)
+    raise DeploykitError(
+        f"Cannot open {path} as a model: pass a .onnx file, a .plan/.engine TensorRT engine "
+        "or a directory holding model.json and model.pt."
+    )
+
+
+def _labelled_batches(dataset: Dataset, batch_size: int, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    # A DataBundle split augments in __getitem__ (train split); item(k, augment=False) is the clean sample.
+    get = (lambda k: dataset.item(k, augment=False)) if hasattr(dataset, "item") else dataset.__getitem__
+    for start in range(0, n, batch_size):
+        items = [get(k) for k in range(start, min(start + batch_size, n))]
+        yield torch.stack([x for x, _ in items]).numpy(), np.array([int(y) for _, y in items])
+
+
+def evaluate_accuracy(session: Session, dataset: Dataset, batch_size: int = 64, limit: int | None = None) -> float:
+    """Top-1 accuracy of `session` over the first `limit` (default: all) samples of a dataset split."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n < 1:
+        raise DeploykitError(
+            "Cannot measure accuracy on an empty dataset: use a split with samples and a limit of at least 1."
+        )
+    correct = sum(int((session.run(x).argmax(axis=1) == y).sum()) for x, y in _labelled_batches(dataset, batch_size, n))
+    return correct / n
