@@ -1,0 +1,1 @@
+"""Model compression: pruning, knowledge distillation and quantization, one module each."""
