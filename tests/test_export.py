@@ -220,3 +220,22 @@ def test_build_and_run_fp16_engine(exported, tmp_path):
     session = trt_session(plan)
     result = check_parity(ort_session(path), session, batches(1, 8), rtol_scale=1e-2)
     assert session.name == "trt-fp16" and result["passed"], result
+
+
+def test_tensorrt_takes_only_symmetric_signed_qdq(tmp_path):
+    """ORT's default u8 activations are asymmetric; TensorRT's explicit quantization needs s8 with zero point 0."""
+    import numpy as np
+    import torch
+
+    from deploykit.compress.quantize import quantize_static_qdq
+    from deploykit.export.torch2onnx import export_onnx
+    from deploykit.stages.tensorrt import _symmetric_int8
+    from deploykit.zoo import get_model
+
+    torch.manual_seed(0)
+    fp32 = export_onnx(get_model("resnet18", 10, 1, stem="cifar", width_mult=0.25).eval(), (1, 16, 16), tmp_path / "m.onnx")
+    batches = [np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32)]
+    u8 = quantize_static_qdq(fp32, tmp_path / "u8.onnx", batches, activation_type="uint8")
+    s8 = quantize_static_qdq(fp32, tmp_path / "s8.onnx", batches, activation_type="int8")
+    assert not _symmetric_int8(u8)
+    assert _symmetric_int8(s8)

@@ -110,7 +110,8 @@ def quantize_static_qdq(
         weight_type=QuantType.QInt8,
         nodes_to_exclude=list(exclude),
         calibrate_method=_CALIBRATION[calibrate_method],
-        extra_options={"CalibPercentile": percentile},
+        # Signed activations are made symmetric (zero point 0): the form TensorRT's explicit quantization takes.
+        extra_options={"CalibPercentile": percentile, "ActivationSymmetric": activation_type == "int8"},
         calibration_cache_path=str(cache) if cache else None,
     )
     return Path(out)

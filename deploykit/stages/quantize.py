@@ -68,7 +68,7 @@ class QuantizeConfig(BaseModel):
     )
     per_channel: bool = Field(True, description="ptq/dynamic: one weight scale per output channel, not per tensor.")
     activation_type: Literal["uint8", "int8"] = Field(
-        "uint8", description="ptq: activation type; uint8 runs 3-4x faster than int8 on x86 CPUs (u8 x s8 kernels)."
+        "uint8", description="ptq: uint8 runs 3-4x faster on x86 CPUs (u8 x s8 kernels); int8 is symmetric, as TensorRT needs."
     )
     weight_type: Literal["int8"] = Field("int8", description="Weight type: signed 8-bit, what fast CPU kernels take.")
     max_accuracy_drop: float | None = Field(

@@ -43,12 +43,35 @@ class TensorRTConfig(BaseModel):
         return self
 
 
+def _symmetric_int8(path: Path) -> bool:
+    """TensorRT's explicit quantization takes only signed int8 Q/DQ with zero points of 0."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+            if zero is None or zero.data_type != onnx.TensorProto.INT8 or np.any(numpy_helper.to_array(zero)):
+                return False
+    return True
+
+
 def _int8_source(ctx: StageContext) -> Path:
-    """The newest QDQ ONNX (explicit quantization) if the pipeline made one, else the newest FP32 ONNX."""
+    """The newest QDQ ONNX (explicit quantization) if TensorRT can take it, else the newest FP32 ONNX (calibrated)."""
     for record in reversed(ctx.upstream):
         path = record.artifact("onnx_int8")
-        if path is not None:
+        if path is None:
+            continue
+        if _symmetric_int8(path):
             return path
+        ctx.reporter.log(
+            f"{path.name} uses unsigned or asymmetric activations (fast on x86 CPUs) that TensorRT does not take: "
+            "calibrating the int8 engine from the FP32 ONNX instead (set activation_type: int8 in quantize to reuse it)."
+        )
+        break
     return ctx.find("onnx", " (int8 engines are built from 'onnx_int8' or 'onnx')")[1]
 
 
