@@ -1,0 +1,403 @@
+"""What the report says, gathered from the upstream stages' metas and the benchmark, as renderer-neutral blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from deploykit.bench.targets import discover, tensorrt_unavailable
+from deploykit.loadtest.slo import SLO, verdict
+from deploykit.pipeline.context import StageRecord
+from deploykit.report import formatting as f
+from deploykit.report.document import Block, Bullets, Heading, Image, Paragraph, Table
+
+NOT_BENCHMARKED = "not benchmarked"
+CURVES_FILE, TRADEOFF_FILE = "curves.png", "accuracy_vs_latency.png"
+
+
+@dataclass
+class ReportInput:
+    title: str
+    description: str
+    date: str
+    upstream: list[StageRecord]
+    benchmark: dict[str, Any] | None  # benchmark.json of the newest benchmark stage, if any
+    machine: dict[str, Any]  # of the benchmark when there is one, else of this stage
+    versions: dict[str, str]
+    slo: SLO
+    latency_batch: int
+    latency_percentile: str
+
+
+def _metrics(record: StageRecord) -> dict[str, Any]:
+    return record.meta.get("metrics", {})
+
+
+# ---- the artifact table ---------------------------------------------------------------------------
+
+
+def throughput_batch(benchmark: dict[str, Any] | None) -> int | None:
+    return max(benchmark["settings"]["batch_sizes"]) if benchmark else None
+
+
+def artifact_rows(
+    upstream: list[StageRecord], benchmark: dict[str, Any] | None, latency_batch: int
+) -> list[dict[str, Any]]:
+    """One row per model artifact upstream: latency at `latency_batch`, throughput at the largest batch measured."""
+    measured: dict[tuple[str, int], dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    if benchmark:
+        measured = {(r["key"], r["batch"]): r for r in benchmark["results"]}
+        skipped = {s["key"]: s["reason"] for s in benchmark["skipped"]}
+    big = throughput_batch(benchmark)
+    by_stage = {r.name: _metrics(r) for r in upstream}
+    rows = []
+    for target in discover(upstream):
+        lat, thr = measured.get((target.key, latency_batch)), measured.get((target.key, big))
+        any_row = lat or thr
+        accuracy = any_row["accuracy"] if any_row else None
+        if accuracy is None and target.format == "torch":  # the training-side number, on the same split
+            accuracy = by_stage[target.stage].get("val_acc")
+        status = "benchmarked" if any_row else "skipped" if target.key in skipped else NOT_BENCHMARKED
+        rows.append(
+            {
+                **target.describe(),
+                "accuracy": accuracy,
+                "latency_batch": latency_batch,
+                **{k: lat[k] if lat else None for k in ("p50_ms", "p95_ms", "p99_ms", "speedup")},
+                "stable": all(r["stable"] for r in (lat, thr) if r),
+                "throughput_batch": big,
+                "throughput": thr["throughput"] if thr else None,
+                "status": status,
+                "skip_reason": skipped.get(target.key),
+            }
+        )
+    return rows
+
+
+def _artifact_table(rows: list[dict[str, Any]], latency_batch: int, big: int | None) -> Table:
+    def cell(row: dict[str, Any], key: str, show: Callable[[float], str]) -> str:
+        if row[key] is not None:
+            return show(row[key]) + ("" if row["stable"] else " *")
+        return f.NA if row["status"] == "benchmarked" else row["status"]  # n/a: measured, but not at this batch
+
+    b = f"batch {latency_batch}"
+    headers = ["Artifact", "Format", "Accuracy", "Params", "MACs", "Size (MB)"]
+    headers += [f"P50 ms ({b})", f"P95 ms ({b})", f"P99 ms ({b})", f"Throughput /s (batch {big or 'n/a'})", "Speedup"]
+    return Table(
+        headers,
+        [
+            [
+                r["artifact"],
+                f"{r['format']} {r['precision']}",
+                f.percent(r["accuracy"]),
+                f.count(r["params"]),
+                f.count(r["macs"]),
+                f.megabytes(r["size_bytes"]),
+                *(cell(r, k, f.ms) for k in ("p50_ms", "p95_ms", "p99_ms")),
+                cell(r, "throughput", f.rate),
+                f.ratio(r["speedup"]),
+            ]
+            for r in rows
+        ],
+    )
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+_HIDDEN = {"history", "diagnostics", "results", "skipped", "rows", "verdict", "note", "notes"}  # shown elsewhere
+# Metric names that tend to carry a stage's result come first: prune ratios, KD gain, quantization drop.
+_PRIORITY = ("method", "deployable", "val_acc", "acc", "drop", "gain", "ratio", "sparsity", "excluded", "speedup")
+_MAX_METRICS, _MAX_NESTED = 10, 4
+
+
+def _short(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return value if len(value) <= 40 else value[:37] + "..."
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return "[" + ", ".join(_short(v) or "" for v in value) + "]" if len(value) <= 6 else f"{len(value)} items"
+    return None
+
+
+def key_metrics(metrics: dict[str, Any]) -> str:
+    """The stage's headline numbers: scalars and small nested groups, the likely interesting ones first."""
+    items: list[tuple[str, str]] = []
+    for key, value in metrics.items():
+        if key in _HIDDEN or value is None:
+            continue
+        if isinstance(value, dict):  # a small group (e.g. parity) reads well flattened; a big one is noise here
+            nested = list(value.items()) if len(value) <= _MAX_NESTED else []
+        else:
+            nested = [("", value)]
+        for sub, v in nested:
+            text = _short(v)
+            if text is not None:
+                items.append((f"{key}.{sub}" if sub else key, text))
+    items.sort(key=lambda kv: next((i for i, p in enumerate(_PRIORITY) if p in kv[0]), len(_PRIORITY)))
+    shown = ", ".join(f"{k}={v}" for k, v in items[:_MAX_METRICS])
+    more = f" (+{len(items) - _MAX_METRICS} more in meta.json)" if len(items) > _MAX_METRICS else ""
+    return shown + more or "-"
+
+
+def _stages_table(upstream: list[StageRecord]) -> Table:
+    return Table(
+        ["Stage", "Type", "Wall time", "Finished", "Key metrics"],
+        [
+            [r.name, r.type, f.seconds(r.meta.get("wall_time_s")), str(r.meta.get("finished_at", f.NA)),
+             key_metrics(_metrics(r))]
+            for r in upstream
+        ],
+    )
+
+
+# ---- training curves and diagnostics ---------------------------------------------------------------
+
+
+def histories(upstream: list[StageRecord]) -> dict[str, list[dict[str, Any]]]:
+    """Per-epoch histories of every stage that trained: train, prune's fine-tune, distill, quantize's QAT.
+
+    A stage keeps its own under metrics["history"]; a training step inside it under metrics[<step>]["history"].
+    """
+    found = {}
+    for record in upstream:
+        for key, value in _metrics(record).items():
+            history = value if key == "history" else value.get("history") if isinstance(value, dict) else None
+            if isinstance(history, list) and history:
+                found[record.name if key == "history" else f"{record.name} {key}"] = history
+    return found
+
+
+def _gradient_lines(gradients: dict[str, Any]) -> list[str]:
+    lines = []
+    for kind, key in (("exploding", "max_norm"), ("vanishing", "min_norm")):
+        flagged = gradients.get(kind) or {}
+        if flagged:
+            layers = "; ".join(
+                f"{name} ({key.replace('_', ' ')} {e[key]:.3g}, steps {e['first_step']}-{e['last_step']})"
+                for name, e in flagged.items()
+            )
+            fixes = ", ".join(gradients.get("solutions", {}).get(kind, []))
+            lines.append(f"{kind.capitalize()} gradients in {len(flagged)} layer(s): {layers}. Try: {fixes}.")
+    if not lines and gradients.get("checks"):
+        checks = gradients["checks"]
+        times = f"{checks} time{'s' if checks != 1 else ''}"
+        lines.append(f"Gradient norms were checked {times}: no layer exploding or vanishing.")
+    return lines
+
+
+def _diagnostics_blocks(upstream: list[StageRecord]) -> list[Block]:
+    blocks: list[Block] = []
+    for record in upstream:
+        diag = _metrics(record).get("diagnostics")
+        if not isinstance(diag, dict):
+            continue
+        items = []
+        curves = diag.get("curves") or {}
+        if curves:
+            items.append(f"Finding: {curves.get('finding', f.NA)}. {curves.get('evidence', '')}".strip())
+            if curves.get("solutions"):
+                items.append("Suggested: " + "; ".join(curves["solutions"]) + ".")
+        items += _gradient_lines(diag.get("gradients") or {})
+        blocks += [Heading(record.name, 3), Bullets(items or ["No diagnostics recorded."])]
+    return blocks or [Paragraph("No stage recorded training diagnostics.")]
+
+
+# ---- the SLO verdict ----------------------------------------------------------------------------------
+
+
+def choose_deployable(
+    rows: list[dict[str, Any]], upstream: list[StageRecord]
+) -> tuple[dict[str, Any] | None, str]:
+    """The quantize stage's pick if one ran, else the fastest ONNX artifact, else the most accurate torch model."""
+    order = {r.name: i for i, r in enumerate(upstream)}
+    for record in reversed(upstream):
+        role = _metrics(record).get("deployable")
+        picks = [
+            r for r in rows if isinstance(role, str) and r["role"] == role and order[r["stage"]] <= order[record.name]
+        ]
+        if picks:
+            return picks[-1], f"chosen by the {record.name} stage (deployable: {role})"
+    onnx = [r for r in rows if r["format"] == "onnx" and r["p50_ms"] is not None]
+    if onnx:
+        return min(onnx, key=lambda r: r["p50_ms"]), "the fastest ONNX artifact"
+    torch_rows = [r for r in rows if r["format"] == "torch"]
+    if torch_rows:
+        best = max(torch_rows, key=lambda r: (r["accuracy"] or 0.0, -(r["p50_ms"] or math.inf)))
+        return best, "the most accurate PyTorch model (no ONNX artifact was benchmarked)"
+    return None, "no model artifact upstream"
+
+
+def slo_verdict(row: dict[str, Any] | None, inp: ReportInput) -> dict[str, Any] | None:
+    latency_key = f"{inp.latency_percentile}_ms"
+    if row is None or row[latency_key] is None or row["throughput"] is None:
+        return None
+    return verdict(inp.slo, row[latency_key], row["throughput"], row["size_bytes"] / 1e6, inp.latency_percentile)
+
+
+def _verdict_blocks(
+    row: dict[str, Any] | None, why: str, result: dict[str, Any] | None, inp: ReportInput, big: int | None
+) -> list[Block]:
+    slo, pct = inp.slo, inp.latency_percentile.upper()
+    intro = Paragraph(
+        f"Targets for {slo.task}: latency < {slo.max_latency_ms:g} ms, throughput > {slo.min_throughput:g} "
+        f"{slo.throughput_unit}, size < {slo.max_size_mb:g} MB. Latency is judged on the {pct} at batch "
+        f"{inp.latency_batch}, throughput at batch {big or f.NA} (offline, one process), size in MB of 10^6 bytes."
+    )
+    if row is None:
+        return [intro, Paragraph(f"No verdict: {why}.")]
+    if result is None:
+        reason = row["skip_reason"] or (
+            NOT_BENCHMARKED if row["status"] == NOT_BENCHMARKED else "not measured at the batch sizes the verdict uses"
+        )
+        return [intro, Paragraph(f"No verdict for {row['artifact']} ({why}): {reason.rstrip('.')}.")]
+    basis = {"latency": f" ({pct}, batch {inp.latency_batch})", "throughput": f" (batch {big})"}
+    table_rows = [
+        [
+            name,
+            f"{c['measured']:.4g} {c['unit']}{basis.get(name, '')}",
+            f"{c['comparison']} {c['target']:g} {c['unit']}",
+            f"{c['margin']:+.4g} {c['unit']} ({c['margin_pct']:+.1f}%)",
+            "PASS" if c["passed"] else "FAIL",
+        ]
+        for name, c in result["criteria"].items()
+    ]
+    return [
+        intro,
+        Paragraph(f"Deployable artifact: {row['artifact']}, {why}."),
+        Table(["Criterion", "Measured", "Target", "Margin", "Result"], table_rows),
+        Paragraph(f"Overall: {'PASS' if result['passed'] else 'FAIL'}."),
+    ]
+
+
+# ---- honesty notes ---------------------------------------------------------------------------------
+
+
+def _benchmark_notes(bench: dict[str, Any] | None) -> list[str]:
+    if bench is None:
+        return ["No benchmark stage ran before this report: latency, throughput, speedup and SLO verdict are missing."]
+    baseline = bench["baseline"] or "no baseline (no trained PyTorch model was benchmarked)"
+    notes = [
+        f"Speedups are P50-latency ratios against {baseline}, measured in the same run at the same batch size; "
+        "on a shared machine they are steadier than absolute times."
+    ]
+    notes += [f"{s['artifact']} was not benchmarked: {s['reason'].rstrip('.')}." for s in bench["skipped"]]
+    for r in bench["results"]:
+        if not r["stable"]:
+            means = ", ".join(f"{m:.3g}" for m in r["window_means_ms"])
+            notes.append(
+                f"{r['artifact']} at batch {r['batch']} did not settle within {r['windows']} windows "
+                f"(means {means} ms): marked *, treat as noisy."
+            )
+    machine = bench["machine"]
+    load, cores = machine.get("load_avg_before") or [], machine.get("cores") or 0
+    load_after = machine.get("load_avg_after") or [0.0]
+    if load and cores and max(load[0], load_after[0]) > cores:
+        notes.append(
+            f"The machine was busy while benchmarking (load average {f.load(load)} before, {f.load(load_after)} after, "
+            f"on {cores} cores): absolute latencies are inflated; compare the ratios."
+        )
+    return notes
+
+
+def _stage_notes(upstream: list[StageRecord], rows: list[dict[str, Any]]) -> list[str]:
+    """Notes stages wrote themselves, and the facts a reader could otherwise take for a win."""
+    notes = []
+    trained = next((r for r in rows if r["role"] == "checkpoint"), None)
+    for record in upstream:
+        metrics = _metrics(record)
+        own = [metrics["note"]] if isinstance(metrics.get("note"), str) else list(metrics.get("notes") or [])
+        notes += [f"{record.name}: {note}" for note in own]
+        row = next((r for r in rows if r["stage"] == record.name and r["role"] == "checkpoint"), None)
+        if record.type == "prune" and not own and row and trained and row["size_bytes"] >= 0.95 * trained["size_bytes"]:
+            notes.append(
+                f"The {record.name} model file is as large as the trained one ({f.megabytes(row['size_bytes'])} vs "
+                f"{f.megabytes(trained['size_bytes'])} MB): unstructured pruning zeroes weights without removing "
+                "them, so dense files do not shrink and CPU latency does not improve."
+            )
+        deployable, speedup = metrics.get("deployable"), metrics.get("speedup")
+        if isinstance(deployable, str) and deployable != "onnx_int8":
+            reason = metrics.get("deployable_reason")
+            if not reason and isinstance(speedup, (int, float)):
+                reason = f"its measured INT8 speedup was {speedup:.2f}x"
+            notes.append(
+                f"The {record.name} stage kept the FP32 model ({deployable}) as the deployable one, not INT8"
+                + (f": {str(reason).rstrip('.')}." if reason else ".")
+            )
+    if not any(r["format"] == "tensorrt" for r in rows) and (why := tensorrt_unavailable()):
+        notes.append(f"No TensorRT engine was built or benchmarked in this run: {why.rstrip('.')}.")
+    return notes
+
+
+# ---- the whole report --------------------------------------------------------------------------------
+
+
+def _run_info(inp: ReportInput) -> Bullets:
+    m = inp.machine
+    load = f"load average {f.load(m.get('load_avg_before') or m.get('load_avg'))}"
+    if m.get("load_avg_after"):
+        load += f" before benchmarking, {f.load(m['load_avg_after'])} after"
+    threads = inp.benchmark["settings"]["threads"] if inp.benchmark else m.get("torch_threads")
+    return Bullets(
+        [
+            f"Run date: {inp.date}",
+            f"Machine: {m.get('cpu', f.NA)}, {m.get('cores', f.NA)} cores, {threads} threads used; "
+            f"GPU: {m.get('gpu') or 'none'}; {load}",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in inp.versions.items()),
+        ]
+    )
+
+
+def tradeoff_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(label, P50 ms, accuracy) of every artifact that has both."""
+    return [(r["artifact"], r["p50_ms"], r["accuracy"]) for r in rows if None not in (r["p50_ms"], r["accuracy"])]
+
+
+def build(
+    inp: ReportInput, rows: list[dict[str, Any]], curves_drawn: bool, tradeoff_drawn: bool
+) -> tuple[list[Block], dict[str, Any]]:
+    """The report's blocks and the stage's metrics (the verdict summary and the table rows from `artifact_rows`)."""
+    big = throughput_batch(inp.benchmark)
+    deployable, why = choose_deployable(rows, inp.upstream)
+    result = slo_verdict(deployable, inp)
+    curves: Block = Image(CURVES_FILE, "Training and validation loss and accuracy per epoch")
+    tradeoff: Block = Image(TRADEOFF_FILE, "Accuracy against latency, one point per artifact")
+    notes = _benchmark_notes(inp.benchmark) + _stage_notes(inp.upstream, rows)
+    if not curves_drawn:
+        curves = Paragraph("No training history upstream: curves skipped.")
+    if not tradeoff_drawn:
+        tradeoff = Paragraph("No artifact has both a measured latency and an accuracy: plot skipped.")
+    blocks: list[Block] = [Heading(inp.title, 1)]
+    if inp.description:
+        blocks.append(Paragraph(inp.description))
+    blocks += [
+        _run_info(inp),
+        Heading("Artifacts"),
+        _artifact_table(rows, inp.latency_batch, big),
+        Heading("Stages"),
+        _stages_table(inp.upstream),
+        Heading("Training curves"),
+        curves,
+        Heading("Accuracy vs latency"),
+        tradeoff,
+        Heading("Training diagnostics"),
+        *_diagnostics_blocks(inp.upstream),
+        Heading("SLO verdict"),
+        *_verdict_blocks(deployable, why, result, inp, big),
+        Heading("Notes"),
+        Bullets(notes),
+    ]
+    metrics = {
+        "deployable": deployable["artifact"] if deployable else None,
+        "verdict": result,
+        "slo": asdict(inp.slo),
+        "rows": rows,
+    }
+    return blocks, metrics

@@ -1,0 +1,222 @@
+"""The `benchmark` stage: latency percentiles, throughput, accuracy, size and memory of every model upstream."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deploykit.bench.targets import ROLES, Target, discover, unavailable_reason
+from deploykit.errors import DeploykitError
+from deploykit.pipeline.artifacts import atomic_write_json, atomic_write_text
+from deploykit.pipeline.context import StageContext
+from deploykit.pipeline.machine import machine_info, versions
+from deploykit.pipeline.registry import Stage, StageResult, register
+
+Role = Literal["checkpoint", "onnx", "onnx_int8", "trt_fp16", "trt_int8"]
+_SUMMARY_KEYS = ("artifact", "batch", "p50_ms", "p95_ms", "p99_ms", "throughput", "speedup", "accuracy", "stable")
+
+
+class BenchmarkConfig(BaseModel):
+    """Offline benchmark settings (perf_analyzer's method: warm-up, then windows until three agree)."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 16], min_length=1, description="Batch sizes to measure each artifact at."
+    )
+    threads: int | None = Field(None, ge=1, description="ORT/torch intra-op threads (default: all cores).")
+    warmup: int = Field(10, ge=0, description="Untimed runs before the measurement windows.")
+    window_s: float = Field(1.0, gt=0.0, description="Length of one measurement window in seconds.")
+    stability: float = Field(0.10, gt=0.0, description="The last three window means must agree within this fraction.")
+    max_windows: int = Field(10, ge=3, description="Stop after this many windows even if unstable (and report it).")
+    accuracy: bool = Field(True, description="Measure top-1 accuracy of each artifact on the validation split.")
+    accuracy_limit: int | None = Field(None, ge=1, description="Evaluate accuracy on at most this many samples.")
+    isolate: bool = Field(True, description="Benchmark each artifact in a fresh process: its peak memory is its own.")
+    timeout_s: float = Field(1800.0, gt=0.0, description="Time limit for one artifact's worker process, in seconds.")
+    # On a shared, oversubscribed machine torch's spinning OpenMP threads made a 3 ms forward take ~1 s;
+    # passive waiting kept it at ~3.5 ms. A dedicated server is better served by the default (spinning).
+    omp_wait_policy: Literal["passive", "active"] | None = Field(
+        None, description="OMP_WAIT_POLICY of the isolated workers (torch's OpenMP); None keeps the default."
+    )
+    repeats: int = Field(
+        1, ge=1, description="Rounds over all artifacts, interleaved; each result is the round with the median P50."
+    )
+    include: list[Role] | None = Field(None, description="Artifact roles to benchmark (default: all found upstream).")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _unique_sorted(cls, v: list[int]) -> list[int]:
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _policy_needs_isolation(self) -> BenchmarkConfig:
+        if self.omp_wait_policy and not self.isolate:
+            raise ValueError("omp_wait_policy applies to isolated workers only: set isolate: true or drop it")
+        return self
+
+
+@register("benchmark")
+class BenchmarkStage(Stage):
+    """Measure P50/P95/P99 latency, throughput, accuracy, size and peak memory of every model artifact upstream."""
+
+    Config = BenchmarkConfig
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = self.config
+        targets = discover(ctx.upstream, cfg.include)
+        if not targets:
+            raise DeploykitError(
+                f"Stage '{ctx.name}' found no model artifact ({', '.join(cfg.include or ROLES)}) upstream: "
+                "add a train or export stage before it."
+            )
+        data = ctx.pipeline.data
+        shape = (ctx.pipeline.model.in_channels or data.channels, data.image_size, data.image_size)
+        reasons = {t.key: unavailable_reason(t) for t in targets}
+        skipped = [{**t.describe(), "reason": reasons[t.key]} for t in targets if reasons[t.key]]
+        runnable = [t for t in targets if not reasons[t.key]]
+        for entry in skipped:
+            ctx.reporter.log(f"[yellow]skipping {entry['artifact']}:[/yellow] {entry['reason']}")
+        _fill_counts(targets, shape)
+
+        machine, threads = machine_info(), cfg.threads or os.cpu_count() or 1
+        results = self._run_rounds(ctx, runnable, shape, threads)
+        rows = _rows(runnable, results, cfg.batch_sizes, cfg.isolate)
+        baseline = next((t for t in runnable if t.role == "checkpoint"), None)  # the trained FP32 model
+        _add_speedups(rows, baseline)
+        load_after = machine_info().get("load_avg", [])
+        report = {
+            "machine": {**machine, "load_avg_before": machine.get("load_avg", []), "load_avg_after": load_after},
+            "versions": versions(),
+            "settings": {**cfg.model_dump(mode="json"), "threads": threads, "input_shape": list(shape)},
+            "baseline": baseline.label if baseline else None,
+            "speedup_basis": "P50 latency of the baseline / P50 latency of the artifact, same batch size, same run",
+            "results": rows,
+            "skipped": skipped,
+        }
+        atomic_write_json(ctx.out_dir / "benchmark.json", report)
+        atomic_write_text(ctx.out_dir / "benchmark.md", _markdown(report))
+        metrics = {
+            "baseline": report["baseline"],
+            "results": [{k: r[k] for k in _SUMMARY_KEYS} for r in rows],
+            "skipped": [{"artifact": s["artifact"], "reason": s["reason"]} for s in skipped],
+            "unstable": sum(not r["stable"] for r in rows),
+            "load_avg_before": report["machine"]["load_avg_before"],
+            "load_avg_after": load_after,
+        }
+        artifacts = {"benchmark": "benchmark.json", "benchmark_table": "benchmark.md"}
+        return StageResult(artifacts=artifacts, metrics=metrics)
+
+    def _run_rounds(
+        self, ctx: StageContext, targets: list[Target], shape: tuple[int, ...], threads: int
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Every target once per round, rounds interleaved: a neighbour's burst of load hits all artifacts alike."""
+        from deploykit.bench.worker import bench_artifact, bench_isolated
+
+        cfg = self.config
+        results: dict[str, list[dict[str, Any]]] = {t.key: [] for t in targets}
+        settings = cfg.model_dump(include={"warmup", "window_s", "stability", "max_windows"})
+        with ctx.reporter.task(f"benchmark {ctx.name}", total=len(targets) * cfg.repeats) as bar:
+            for round_index in range(cfg.repeats):
+                for target in targets:
+                    accuracy = cfg.accuracy and round_index == 0  # accuracy does not change between rounds
+                    job = {
+                        "path": str(target.path),
+                        "batch_sizes": cfg.batch_sizes,
+                        "input_shape": list(shape),
+                        "threads": threads,
+                        "measure": settings,
+                        "accuracy": accuracy,
+                        "accuracy_limit": cfg.accuracy_limit,
+                        "data": ctx.pipeline.data.model_dump(mode="json"),
+                    }
+                    if cfg.isolate:
+                        result = bench_isolated(job, cfg.timeout_s, cfg.omp_wait_policy)
+                    else:
+                        result = bench_artifact(job, ctx.data().val if accuracy else None)
+                    results[target.key].append(result)
+                    first = result["measurements"][0]
+                    ctx.reporter.log(
+                        f"{target.label}: P50 {first['p50_ms']:.3f} ms at batch {first['batch']}"
+                        f"{'' if first['stable'] else ' (unstable)'}"
+                    )
+                    bar.advance()
+        return results
+
+
+def _fill_counts(targets: list[Target], shape: tuple[int, ...]) -> None:
+    """Params and MACs no stage recorded: counted on the torch model, then copied to what was converted from it."""
+    from deploykit.train import load_model
+    from deploykit.zoo import count_macs, count_params
+
+    by_key = {t.key: t for t in targets}
+    for target in targets:  # pipeline order: a torch model comes before what was converted from it
+        if target.params is not None:
+            continue
+        if target.format == "torch":
+            model, _ = load_model(target.path)
+            target.params, target.macs = count_params(model), count_macs(model, (1, *shape))
+        elif target.source in by_key:
+            target.params, target.macs = by_key[target.source].params, by_key[target.source].macs
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose P50 is the median (the lower one of an even count): one burst of load cannot pick it."""
+    return sorted(rounds, key=lambda m: m["p50_ms"])[(len(rounds) - 1) // 2]
+
+
+def _rows(
+    targets: list[Target], results: dict[str, list[dict[str, Any]]], batch_sizes: list[int], isolated: bool
+) -> list[dict[str, Any]]:
+    """One self-contained row per artifact x batch size."""
+    rows = []
+    for target in targets:
+        rounds = results[target.key]
+        for i in range(len(batch_sizes)):
+            per_round = [r["measurements"][i] for r in rounds]
+            rows.append(
+                {
+                    **target.describe(),
+                    "runtime": rounds[0]["runtime"],
+                    "omp_wait_policy": rounds[0]["omp_wait_policy"],
+                    "accuracy": rounds[0]["accuracy"],
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+                    "baseline_rss_mb": rounds[0]["baseline_rss_mb"],
+                    "isolated": isolated,  # False: peak_rss_mb is the whole pipeline process's
+                    **_median_round(per_round),
+                    "rounds_p50_ms": [m["p50_ms"] for m in per_round],
+                }
+            )
+    return rows
+
+
+def _add_speedups(rows: list[dict[str, Any]], baseline: Target | None) -> None:
+    base = {r["batch"]: r["p50_ms"] for r in rows if baseline and r["key"] == baseline.key}
+    for row in rows:
+        ref = base.get(row["batch"])
+        row["speedup"] = ref / row["p50_ms"] if ref and row["p50_ms"] > 0 else None
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    from deploykit.report import formatting as f
+    from deploykit.report.markdown import table
+
+    m = report["machine"]
+    headers = ["Artifact", "Batch", "P50 ms", "P95 ms", "P99 ms", "Throughput /s", "Speedup", "Accuracy", "Size MB"]
+    rows = [
+        [r["artifact"], str(r["batch"]), *(f.ms(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms")), f.rate(r["throughput"]),
+         f.ratio(r["speedup"]), f.percent(r["accuracy"]), f.megabytes(r["size_bytes"]), f"{r['peak_rss_mb']:.0f}",
+         "yes" if r["stable"] else "NO"]
+        for r in report["results"]
+    ]
+    lines = [
+        f"# Benchmark ({report['settings']['threads']} threads)",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores; load average {f.load(m['load_avg_before'])} before, "
+        f"{f.load(m['load_avg_after'])} after. Speedup: P50 ratio against {report['baseline'] or f.NA}.",
+        "",
+        table([*headers, "Peak RSS MB", "Stable"], rows),
+        "",
+        *(f"- {s['artifact']} skipped: {s['reason'].rstrip('.')}." for s in report["skipped"]),
+    ]
+    return "\n".join(lines).rstrip() + "\n"

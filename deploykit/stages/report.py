@@ -1,0 +1,87 @@
+"""The `report` stage: one Markdown and one self-contained HTML report of the whole run, with plots."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deploykit.loadtest.slo import SLO_TABLE, custom_slo
+from deploykit.pipeline.artifacts import atomic_write_text
+from deploykit.pipeline.context import StageContext
+from deploykit.pipeline.machine import machine_info, versions
+from deploykit.pipeline.registry import Stage, StageResult, register
+
+
+class SLOOverrides(BaseModel):
+    """A pipeline's own targets; unset ones keep the task's values from the SLO table."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_latency_ms: float | None = Field(None, gt=0.0, description="Latency target in ms (on latency_percentile).")
+    min_throughput: float | None = Field(None, gt=0.0, description="Throughput target in samples per second.")
+    max_size_mb: float | None = Field(None, gt=0.0, description="Model size target in MB (10^6 bytes).")
+
+
+class ReportConfig(BaseModel):
+    """Report settings: the SLO it judges the deployable artifact against, and at which batch size."""
+
+    model_config = ConfigDict(extra="forbid")
+    slo_task: str = Field("image_classification", description=f"SLO target table row: one of {', '.join(SLO_TABLE)}.")
+    slo: SLOOverrides = Field(default_factory=SLOOverrides, description="Override some of the task's targets.")
+    latency_batch: int = Field(1, ge=1, description="Batch size whose latency the table shows and the verdict judges.")
+    latency_percentile: Literal["p50", "p95", "p99"] = Field("p95", description="Latency percentile judged.")
+    title: str | None = Field(None, description="Report title (default: the pipeline's name).")
+
+    @field_validator("slo_task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in SLO_TABLE:
+            raise ValueError(f"unknown slo_task {v!r}: choose one of {', '.join(SLO_TABLE)}")
+        return v
+
+
+@register("report")
+class ReportStage(Stage):
+    """Write report.md and report.html: artifacts table, stages, curves, diagnostics, SLO verdict, honest notes."""
+
+    Config = ReportConfig
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from deploykit.report import content, plots, render_html, render_markdown
+
+        cfg = self.config
+        bench_record = next((r for r in reversed(ctx.upstream) if r.artifact("benchmark") is not None), None)
+        benchmark = json.loads(bench_record.artifact("benchmark").read_text(encoding="utf-8")) if bench_record else None
+        inp = content.ReportInput(
+            title=cfg.title or f"deploykit report: {ctx.pipeline.name}",
+            description=ctx.pipeline.description,
+            date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            upstream=ctx.upstream,
+            benchmark=benchmark,
+            machine=benchmark["machine"] if benchmark else machine_info(),
+            versions=benchmark["versions"] if benchmark else versions(),
+            slo=custom_slo(cfg.slo_task, **cfg.slo.model_dump()),
+            latency_batch=cfg.latency_batch,
+            latency_percentile=cfg.latency_percentile,
+        )
+        rows = content.artifact_rows(ctx.upstream, benchmark, cfg.latency_batch)
+        artifacts = {"report": "report.md", "report_html": "report.html"}
+        if histories := content.histories(ctx.upstream):
+            plots.plot_curves(histories, ctx.out_dir / content.CURVES_FILE)
+            artifacts["curves"] = content.CURVES_FILE
+        if points := content.tradeoff_points(rows):
+            label = f"P50 latency at batch {cfg.latency_batch} (ms)"
+            plots.plot_tradeoff(points, ctx.out_dir / content.TRADEOFF_FILE, label)
+            artifacts["tradeoff"] = content.TRADEOFF_FILE
+        blocks, metrics = content.build(inp, rows, "curves" in artifacts, "tradeoff" in artifacts)
+        images = {name: (ctx.out_dir / name).read_bytes() for name in artifacts.values() if name.endswith(".png")}
+        atomic_write_text(ctx.out_dir / "report.md", render_markdown(blocks))
+        atomic_write_text(ctx.out_dir / "report.html", render_html(inp.title, blocks, images))
+        verdict = metrics["verdict"]
+        ctx.reporter.log(
+            f"report: deployable {metrics['deployable']}, SLO {cfg.slo_task} "
+            f"{'not judged' if verdict is None else 'PASS' if verdict['passed'] else 'FAIL'}"
+        )
+        return StageResult(artifacts=artifacts, metrics=metrics)
