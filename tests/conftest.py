@@ -6,6 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # plugin_stages for engine tests
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Before torch loads OpenMP: spinning worker threads collapse throughput when the shared CI cores are busy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,67 @@
+"""The `load` stage: the pipeline's model as a checkpoint, untrained or from your own weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deploykit.errors import DeploykitError
+from deploykit.pipeline.context import StageContext
+from deploykit.pipeline.registry import Stage, StageResult, register
+
+
+class LoadConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: Path | None = Field(
+        None, description="A state_dict file (.pt/.pth, loaded with weights_only=True), e.g. pretrained weights; none: seeded random init."
+    )
+    strict: bool = Field(True, description="Every key and shape of the file must match the model.")
+    seed: int = Field(0, description="Seed of the random initialisation when no weights are given.")
+
+    @field_validator("weights")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"weights file '{v}' does not exist: give the path of a saved state_dict")
+        return v
+
+
+@register("load")
+class LoadStage(Stage):
+    """Save the pipeline's model as a checkpoint without training (latency studies, pretrained weights)."""
+
+    Config = LoadConfig
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import torch
+
+        from deploykit.train import save_model
+        from deploykit.train.checkpoint import load_torch, state_dict_from
+        from deploykit.zoo import count_macs, count_params, get_model
+
+        cfg, arch = self.config, ctx.arch()
+        torch.manual_seed(cfg.seed)
+        model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"])
+        if cfg.weights is not None:
+            state = state_dict_from(load_torch(cfg.weights, "weights file"), cfg.weights, "weights file")
+            state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+            try:
+                result = model.load_state_dict(state, strict=cfg.strict)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[-1].strip()
+                raise DeploykitError(
+                    f"Weights file '{cfg.weights}' does not fit {arch['name']} ({first}): check the model name, "
+                    "num_classes and options, or set strict: false to skip mismatched keys."
+                ) from None
+            metrics_skipped = len(result.missing_keys) + len(result.unexpected_keys)
+        save_model(model.eval(), arch, ctx.out_dir)
+        size = ctx.data().image_size
+        metrics = {
+            "params": count_params(model),
+            "macs": count_macs(model, (1, arch["in_channels"], size, size)),
+            "weights": str(cfg.weights) if cfg.weights else "random",
+        }
+        if cfg.weights is not None:
+            metrics["skipped_keys"] = metrics_skipped
+        return StageResult(artifacts={"checkpoint": "model.pt", "arch": "model.json"}, metrics=metrics)
