@@ -1,3 +1,3 @@
 """Built-in stages; importing this package registers them."""
 
-from deploykit.stages import benchmark, export, load, quantize, report, tensorrt, train  # noqa: F401
+from deploykit.stages import benchmark, distill, export, load, prune, quantize, report, tensorrt, train  # noqa: F401

@@ -26,7 +26,7 @@ class TrainStage(Stage):
         model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"])
         model, result = fit(model, bundle, self.config, ctx.work_dir, ctx.reporter, mixup_alpha=ctx.pipeline.data.augment.mixup_alpha)
         save_model(model, arch, ctx.out_dir)
-        atomic_write_text(ctx.out_dir / "history.csv", _history_csv(result.history))
+        atomic_write_text(ctx.out_dir / "history.csv", history_csv(result.history))
         size = bundle.image_size
         metrics = {
             **result.metrics,
@@ -38,7 +38,7 @@ class TrainStage(Stage):
         return StageResult(artifacts={"checkpoint": "model.pt", "arch": "model.json", "history": "history.csv"}, metrics=metrics)
 
 
-def _history_csv(history: list[dict]) -> str:
+def history_csv(history: list[dict]) -> str:
     if not history:
         return ""
     out = io.StringIO()

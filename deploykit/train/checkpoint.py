@@ -1,6 +1,9 @@
 """Model files: a tensors-only state_dict plus a JSON description that rebuilds the architecture.
 
-Everything is written atomically and read with `weights_only=True`, so a checkpoint can never run code.
+Everything is written atomically and read with `weights_only=True`, so a checkpoint can never run code. A
+model whose layers were reshaped after it was built (channel pruning) records, under "layers" in model.json,
+the constructor arguments of every Conv2d, Linear and BatchNorm2d that differs from the freshly built
+architecture; loading rebuilds the zoo model and swaps in layers of those shapes before loading the weights.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,30 @@ from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
 CHECKPOINT_FILE = "model.pt"
 ARCH_FILE = "model.json"
 _ARCH_KEYS = ("name", "num_classes", "in_channels")
+
+# The constructor arguments that fix a layer's parameter shapes and behaviour, per layer type.
+_LAYER_ARGS: dict[type[nn.Module], Callable[[Any], dict[str, Any]]] = {
+    nn.Conv2d: lambda m: {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+        "dilation": list(m.dilation),
+        "groups": m.groups,
+        "bias": m.bias is not None,
+        "padding_mode": m.padding_mode,
+    },
+    nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+    nn.BatchNorm2d: lambda m: {
+        "num_features": m.num_features,
+        "eps": m.eps,
+        "momentum": m.momentum,
+        "affine": m.affine,
+        "track_running_stats": m.track_running_stats,
+    },
+}
+_LAYER_TYPES = {cls.__name__: cls for cls in _LAYER_ARGS}
 
 # What torch.load raises for a truncated, foreign or code-carrying file.
 _LOAD_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
@@ -66,9 +94,57 @@ def save_model(model: nn.Module, arch: dict, directory: Path) -> dict[str, Path]
         )
     directory = Path(directory)
     checkpoint, arch_path = directory / CHECKPOINT_FILE, directory / ARCH_FILE
+    description = {**{k: arch[k] for k in _ARCH_KEYS}, "options": dict(arch.get("options", {}))}
+    layers = _reshaped_layers(model, description)
+    if layers:
+        description["layers"] = layers
     save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, checkpoint)
-    atomic_write_json(arch_path, {**{k: arch[k] for k in _ARCH_KEYS}, "options": dict(arch.get("options", {}))})
+    atomic_write_json(arch_path, description)
     return {"checkpoint": checkpoint, "arch": arch_path}
+
+
+def _layer_spec(module: nn.Module) -> dict[str, Any] | None:
+    describe = _LAYER_ARGS.get(type(module))
+    return {"type": type(module).__name__, **describe(module)} if describe else None
+
+
+def _reshaped_layers(model: nn.Module, arch: dict) -> dict[str, dict[str, Any]]:
+    """Layers of `model` whose constructor arguments differ from a fresh build of `arch`, by module name.
+
+    Modules the architecture does not have are left out: no rebuild could create them, and loading the
+    state_dict then names the mismatch.
+    """
+    from deploykit.zoo import get_model
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        reference = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("options", {}))
+    fresh = dict(reference.named_modules())
+    layers = {}
+    for name, module in model.named_modules():
+        spec = _layer_spec(module)
+        if spec is not None and name in fresh and spec != _layer_spec(fresh[name]):
+            layers[name] = spec
+    return layers
+
+
+def _rebuild_layers(model: nn.Module, layers: dict[str, dict[str, Any]], arch_path: Path) -> None:
+    """Replace the named submodules of `model` by fresh layers with the recorded constructor arguments."""
+    for name, spec in layers.items():
+        args = dict(spec)
+        cls = _LAYER_TYPES.get(args.pop("type", None))
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            if cls is None or not hasattr(parent, child):
+                raise AttributeError(name)
+            # JSON turned the tuples into lists; torch layers keep tuples.
+            layer = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise DeploykitError(
+                f"The layer '{name}' recorded in {arch_path} cannot be rebuilt ({exc.__class__.__name__}: {exc}): "
+                "re-run the stage that wrote it."
+            ) from exc
+        setattr(parent, child, layer)
 
 
 def load_model(directory: Path) -> tuple[nn.Module, dict]:
@@ -90,6 +166,7 @@ def load_model(directory: Path) -> tuple[nn.Module, dict]:
     checkpoint = directory / CHECKPOINT_FILE
     state = state_dict_from(load_torch(checkpoint, "model checkpoint"), checkpoint, "model checkpoint")
     model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("options", {}))
+    _rebuild_layers(model, arch.get("layers", {}), arch_path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

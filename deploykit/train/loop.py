@@ -48,6 +48,10 @@ from deploykit.train.transfer import TransferPlan, apply_transfer, train_mode
 LAST_CHECKPOINT = "last.pt"
 _CHECKPOINT_FORMAT = 1
 
+# criterion(logits, x, target, extras) -> scalar loss. `extras` are the items a training sample holds after
+# (x, y), batched and on the training device; target is y, or MixUp's soft labels.
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
+
 
 @dataclass
 class FitResult:
@@ -73,13 +77,17 @@ def fit(
     work_dir: Path,
     reporter: Reporter | None = None,
     mixup_alpha: float = 0.0,
+    criterion: Criterion | None = None,
 ) -> tuple[nn.Module, FitResult]:
     """Train `model` and return it on CPU in eval mode (the best or SWA-averaged weights where configured).
 
+    `criterion` replaces cfg.loss for the training loss (knowledge distillation uses it); validation stays plain
+    cross-entropy and top-1. With MixUp it receives the mixed x and soft targets; MixUp cannot mix the extras
+    of a dataset that yields more than (x, y), so that combination is refused.
     Resumes from work_dir/last.pt when it exists. Raises TrainingDiverged on a NaN/Inf loss.
     """
     with _torch_settings(cfg):
-        return _Trainer(model, bundle, cfg, Path(work_dir), reporter or silent(), mixup_alpha).run()
+        return _Trainer(model, bundle, cfg, Path(work_dir), reporter or silent(), mixup_alpha, criterion).run()
 
 
 class EarlyStopper:
@@ -162,6 +170,7 @@ class _Trainer:
         work_dir: Path,
         reporter: Reporter,
         mixup_alpha: float,
+        criterion: Criterion | None,
     ) -> None:
         self.cfg, self.bundle, self.work_dir, self.mixup_alpha = cfg, bundle, work_dir, mixup_alpha
         self.device = _pick_device(cfg.device)
@@ -187,7 +196,8 @@ class _Trainer:
         steps_per_epoch = math.ceil(self.num_batches / cfg.accumulate_steps)
         self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.epochs, steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.loss_fn = build_loss(cfg.loss, bundle.num_classes)
+        loss_fn = build_loss(cfg.loss, bundle.num_classes)
+        self.criterion: Criterion = criterion or (lambda logits, x, target, extras: loss_fn(logits, target))
         self.swa = _Swa(cfg.swa, self.model, self.optimizer, cfg.epochs, cfg.optimizer.lr) if cfg.swa else None
         self.stopper = EarlyStopper(cfg.early_stopping) if cfg.early_stopping else None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -260,10 +270,16 @@ class _Trainer:
         loss_sum, ce_sum, correct, count = 0.0, 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         with self.reporter.task(f"epoch {epoch + 1}/{cfg.epochs}", total=n) as bar:
-            for b, (x, y) in enumerate(self._train_loader(epoch)):
+            for b, (x, y, *extras) in enumerate(self._train_loader(epoch)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                extras = tuple(e.to(self.device, non_blocking=True) for e in extras)
                 target = y
                 if self.mixup_alpha > 0:
+                    if extras:  # checked on the first batch, before any step
+                        raise DeploykitError(
+                            "MixUp mixes images and labels but not the extra per-sample items this training set "
+                            "yields (e.g. cached teacher logits): set data.augment.mixup_alpha to 0 or drop the extras."
+                        )
                     x, target = mixup_batch(x, y, self.mixup_alpha, self.bundle.num_classes)
                 window_start = b - b % cfg.accumulate_steps
                 window = min(cfg.accumulate_steps, n - window_start)  # the epoch's last window may be shorter
@@ -273,7 +289,7 @@ class _Trainer:
                 with sync:
                     with self._autocast():
                         logits = self.net(x)
-                    loss = self.loss_fn(logits.float(), target)
+                    loss = self.criterion(logits.float(), x, target, extras)
                     value = self._checked_loss(loss, epoch, b)
                     scaled = loss / window
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
