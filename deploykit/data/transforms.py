@@ -1,0 +1,136 @@
+"""Image transforms: resize, normalisation, training augmentations (crop, flip, CutOut) and batch-level MixUp.
+
+Per-item images are [C, H, W] tensors: uint8 sources hold [0, 255], float sources are used as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import get_worker_info
+
+from deploykit.data.config import AugmentConfig
+
+
+def to_float(image: Tensor) -> Tensor:
+    """An image as float32; uint8 images are scaled to [0, 1]."""
+    if image.dtype == torch.uint8:
+        return image.float().div_(255)
+    return image.float()
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Bilinear resize of a [N, C, H, W] float batch to size x size (antialiased when shrinking)."""
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def channel_stats(
+    images: Sequence[Tensor], indices: Sequence[int], max_samples: int | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over images[indices]; with max_samples, over an evenly spaced subset."""
+    if max_samples is not None and len(indices) > max_samples:
+        indices = [indices[k] for k in np.linspace(0, len(indices) - 1, max_samples).round().astype(int)]
+    total = squares = None
+    pixels = 0
+    for i in indices:
+        # float64 sums: float32 loses digits over millions of pixels.
+        x = to_float(images[i]).double()
+        s, q = x.sum(dim=(1, 2)), x.square().sum(dim=(1, 2))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        pixels += x[0].numel()
+    mean = total / pixels
+    std = (squares / pixels - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)  # a constant channel must not divide by zero
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+class Normalize:
+    """(x - mean) / std per channel; always returns a new tensor."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return (image - self.mean) / self.std
+
+
+def random_crop(image: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad by `padding` on every side, then crop back to the original size at a random offset."""
+    if padding == 0:
+        return image
+    _, h, w = image.shape
+    padded = F.pad(image, (padding, padding, padding, padding))
+    top, left = torch.randint(0, 2 * padding + 1, (2,), generator=generator).tolist()
+    return padded[:, top : top + h, left : left + w]
+
+
+def random_hflip(image: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror left-right with probability 0.5."""
+    return image.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else image
+
+
+def cutout(image: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Zero a size x size square centred anywhere in the image, clipped at the borders (returns a copy)."""
+    _, h, w = image.shape
+    cy = int(torch.randint(0, h, (1,), generator=generator))
+    cx = int(torch.randint(0, w, (1,), generator=generator))
+    top, left = cy - size // 2, cx - size // 2
+    out = image.clone()
+    out[:, max(top, 0) : max(top + size, 0), max(left, 0) : max(left + size, 0)] = 0
+    return out
+
+
+class Augment:
+    """Training augmentation in a fixed order: random crop, horizontal flip, normalise, CutOut.
+
+    CutOut runs after normalisation so the erased square is 0 in the model's input space (the mean colour).
+    The generator is owned here, so a run with num_workers=0 is reproducible for a given seed.
+    """
+
+    def __init__(self, cfg: AugmentConfig, seed: int) -> None:
+        self.cfg = cfg
+        self._generator = torch.Generator().manual_seed(seed)
+        self._worker_seed: int | None = None
+
+    def __call__(self, image: Tensor, normalize: Normalize) -> Tensor:
+        g = self._worker_generator()
+        if self.cfg.random_crop:
+            image = random_crop(image, self.cfg.crop_padding, g)
+        if self.cfg.hflip:
+            image = random_hflip(image, g)
+        image = normalize(image)
+        if self.cfg.cutout_size > 0:
+            image = cutout(image, self.cfg.cutout_size, g)
+        return image
+
+    def _worker_generator(self) -> torch.Generator:
+        # DataLoader workers each get a copy of the same generator state; reseeding from the worker's own
+        # seed (derived from the loader's seeded generator) keeps workers distinct and runs reproducible.
+        info = get_worker_info()
+        if info is not None and self._worker_seed != info.seed:
+            self._generator.manual_seed(info.seed)
+            self._worker_seed = info.seed
+        return self._generator
+
+
+def mixup_batch(
+    x: Tensor, y: Tensor, alpha: float, num_classes: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """MixUp: lam ~ Beta(alpha, alpha); returns lam*x + (1-lam)*x[perm] and the matching mixed one-hot targets.
+
+    Targets are float32 [B, num_classes] and each row sums to 1. The generator (CPU) drives both lam and the
+    permutation; without one the global torch RNG is used, so torch.manual_seed makes it reproducible.
+    """
+    if alpha <= 0:
+        raise ValueError(f"mixup_batch needs alpha > 0 (got {alpha}); skip MixUp when augment.mixup_alpha is 0.")
+    # torch's Beta sampler takes no generator, so lam comes from numpy seeded by the torch generator.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    targets = F.one_hot(y.long(), num_classes).float()
+    return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
