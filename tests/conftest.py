@@ -17,3 +17,14 @@ def in_tmp(tmp_path, monkeypatch):
     """Run inside a temporary working directory (runs/ lands there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second torch thread only adds sync cost, and spins badly on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

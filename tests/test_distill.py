@@ -29,12 +29,7 @@ from deploykit.zoo import count_macs, get_model
 FAST = {"device": "cpu", "threads": 1, "batch_size": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resnet(width: float, seed: int = 0) -> torch.nn.Module:

@@ -38,12 +38,7 @@ SHAPE = (1, 1, 16, 16)
 RESNET = {"name": "resnet18", "num_classes": 10, "in_channels": 1, "options": {"stem": "cifar", "width_mult": 0.25}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch: dict, seed: int = 0) -> nn.Module:

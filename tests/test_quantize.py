@@ -29,12 +29,7 @@ from deploykit.stages.quantize import QuantizeConfig, QuantizeStage
 FAST = {"latency_threads": 1, "latency_rounds": 1, "latency_window_s": 0.02, "parity_samples": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machines are shared
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,7 @@ ONE_PER_FAMILY = ["resnet18", "resnet50", "googlenet", "efficientnet_b0", "mobil
 SMALL = {"num_classes": 10, "width_mult": 0.25, "stem": "cifar"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: extra threads only add sync cost, and spin badly on a shared 2-core CI box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_model(name: str, **kwargs) -> nn.Module:

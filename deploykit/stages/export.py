@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_json
+from deploykit.pipeline.artifacts import atomic_copy, atomic_write_json
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, StageResult, register
 
@@ -34,7 +34,7 @@ class ExportStage(Stage):
     Config = ExportConfig
 
     def run(self, ctx: StageContext) -> StageResult:
-        from deploykit.export import check_parity, copy_source, export_onnx, real_batches, write_reproduce_script
+        from deploykit.export import check_parity, export_onnx, real_batches, write_reproduce_script
         from deploykit.export.torch2onnx import REPRODUCE_SCRIPT, onnx_opset
         from deploykit.runtime import ort_session, torch_session
         from deploykit.train import load_model
@@ -47,7 +47,7 @@ class ExportStage(Stage):
         input_shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
 
         for name in (CHECKPOINT_FILE, ARCH_FILE):  # the reproduce script reads these, not the upstream folder
-            copy_source(checkpoint.parent / name, ctx.out_dir / "source" / name)
+            atomic_copy(checkpoint.parent / name, ctx.out_dir / "source" / name)
         onnx_path = ctx.out_dir / "model.onnx"
         start = time.perf_counter()
         export_onnx(model, input_shape, onnx_path, opset=cfg.opset)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
+from deploykit.pipeline.artifacts import atomic_copy, atomic_write_json
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, StageResult, register
 from deploykit.train.config import OptimizerConfig, TrainConfig
@@ -149,8 +148,7 @@ class QuantizeStage(Stage):
                 fp32_accuracy = evaluate_accuracy(reference, bundle.val)
                 search, extra = self._torchao(ctx, model, fp32_accuracy, scratch)
             int8_path = ctx.out_dir / INT8_FILE
-            with atomic_path(int8_path) as dst:
-                shutil.copyfile(search.best.path, dst)
+            atomic_copy(search.best.path, int8_path)
             metrics = self._check(ctx, reference, fp32_onnx, int8_path, fp32_accuracy, search, fallback_role)
         metrics.update(extra)
         atomic_write_json(ctx.out_dir / REPORT_FILE, metrics)

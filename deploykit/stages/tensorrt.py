@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deploykit.pipeline.artifacts import atomic_write_text
+from deploykit.pipeline.artifacts import atomic_copy, atomic_write_text
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, StageResult, register
 
@@ -115,7 +115,7 @@ class TensorRTStage(Stage):
 
         require_tensorrt()  # before any work: no data loading or file copies on a machine that cannot build
         from deploykit.data import sample_batch
-        from deploykit.export import build_engine, copy_source
+        from deploykit.export import build_engine
         from deploykit.export.onnx2trt import calibration_cache_path
         from deploykit.runtime import engine_metadata_path, onnx_precision
 
@@ -125,7 +125,7 @@ class TensorRTStage(Stage):
         artifacts, metrics, builds = {}, {}, {}
         for precision in cfg.precisions:
             onnx_path = _int8_source(ctx) if precision == "int8" else ctx.find("onnx", " (the FP32 ONNX model)")[1]
-            source = copy_source(onnx_path, ctx.out_dir / "source" / onnx_path.name)
+            source = atomic_copy(onnx_path, ctx.out_dir / "source" / onnx_path.name)
             calibration = None
             if precision == "int8" and onnx_precision(source) != "int8":
                 calibration = sample_batch(bundle, cfg.calibration_samples, "train")[0].numpy()
