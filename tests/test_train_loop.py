@@ -404,7 +404,7 @@ def test_gradient_monitor_flags_exploding_and_vanishing_layers(tmp_path: Path) -
     _, result = fit(Skewed(), separable_bundle(n_train=64), cfg, tmp_path, reporter=recorder)
     grads = result.diagnostics["gradients"]
     assert set(grads["exploding"]) == {"loud.weight", "loud.bias"}
-    assert set(grads["vanishing"]) == {"quiet.weight", "quiet.bias"}
+    assert set(grads["vanishing"]) == {"quiet.weight"}  # biases are not judged for vanishing (see below)
     loud = grads["exploding"]["loud.weight"]
     assert loud["max_norm"] > 100 and loud["first_step"] == 1 and loud["count"] == 2
     assert grads["vanishing"]["quiet.weight"]["min_norm"] < 1e-6
@@ -516,3 +516,12 @@ def test_label_smoothing_is_not_mistaken_for_over_regularization() -> None:
     for row, ce in zip(history, [1.5, 0.35, 0.15, 0.1, 0.08]):
         row["train_ce"] = ce
     assert classify_curves(history)["finding"] != "over-regularized"
+
+
+def test_bias_before_batchnorm_is_not_flagged_as_vanishing(tmp_path: Path) -> None:
+    """BatchNorm removes any per-channel constant, so the bias of a layer feeding it gets no gradient by design."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    torch.manual_seed(0)
+    cfg = config(epochs=1, diagnostics={"grad_norm_every": 1})
+    _, result = fit(model, separable_bundle(n_train=64), cfg, tmp_path)
+    assert "2.bias" not in result.diagnostics["gradients"]["vanishing"]

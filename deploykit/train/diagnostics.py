@@ -98,12 +98,14 @@ class GradientMonitor:
             return
         norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for _, g in named]).tolist()
         self.checks += 1
-        for (name, _), norm in zip(named, norms, strict=True):
+        for (name, grad), norm in zip(named, norms, strict=True):
             if skip_nonfinite and not math.isfinite(norm):
                 continue
             if not norm <= self.cfg.explode_threshold:  # NaN counts as exploding
                 self._flag("exploding", name, norm, step, max)
-            elif norm < self.cfg.vanish_threshold:
+            # Only weights can vanish meaningfully: a bias feeding (through linear layers) into a BatchNorm has an
+            # exactly zero gradient, since the norm subtracts any per-channel constant (EfficientNet's projections).
+            elif norm < self.cfg.vanish_threshold and grad.dim() > 1:
                 self._flag("vanishing", name, norm, step, min)
 
     def _flag(self, kind: str, name: str, norm: float, step: int, extreme: Callable[[float, float], float]) -> None:
