@@ -61,10 +61,16 @@ def _section(name: str, run_dir: Path) -> list[str]:
     quant = _stage_meta(run_dir, "quantize")
     if quant:
         m = quant["metrics"]
+        synthetic = json.loads((run_dir / "run.json").read_text())["pipeline"]["data"]["dataset"] == "synthetic"
+        accuracy = (
+            "accuracy not measured (synthetic input)"
+            if synthetic
+            else f"val accuracy {_fmt(100 * m['fp32_accuracy'])} % -> {_fmt(100 * m['int8_accuracy'])} % "
+            f"(drop {_fmt(m.get('accuracy_drop'))} points)"
+        )
         lines += [
             "",
-            f"INT8 ({m.get('method')}): val accuracy {_fmt(100 * m['fp32_accuracy'])} % -> {_fmt(100 * m['int8_accuracy'])} % "
-            f"(drop {_fmt(m.get('accuracy_drop'))} points), file {_fmt(m.get('size_ratio'), 3)}x the FP32 file, "
+            f"INT8 ({m.get('method')}): {accuracy}, file {_fmt(m.get('size_ratio'), 3)}x the FP32 file, "
             f"deployable: {m.get('deployable')}.",
         ]
     target = LATENCY_TARGETS_MS.get(name)
