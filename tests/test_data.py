@@ -301,6 +301,8 @@ def test_val_is_never_augmented_and_train_augmentation_is_reproducible():
     assert torch.equal(x_val, sample_batch(a, len(a.val))[0])
     first_epoch = _stack(a.train)[0]
     assert torch.equal(first_epoch, _stack(b.train)[0])  # same seed, same augmented epoch
+    assert torch.equal(first_epoch, _stack(a.train)[0])  # a function of (seed, epoch, sample): replayable
+    a.train.set_epoch(1)
     assert not torch.equal(first_epoch, _stack(a.train)[0])  # the next epoch draws new augmentations
 
 
@@ -316,7 +318,7 @@ def test_loader_workers_draw_different_but_reproducible_augmentations():
 
     first = flips()
     assert first == flips()
-    assert first[0::2] != first[1::2]  # batches alternate between the two workers; their generators differ
+    assert first[0::2] != first[1::2]  # batches alternate between the two workers; their draws differ
 
 
 # --- MixUp ---------------------------------------------------------------------------------------------------

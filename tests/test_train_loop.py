@@ -525,3 +525,21 @@ def test_bias_before_batchnorm_is_not_flagged_as_vanishing(tmp_path: Path) -> No
     cfg = config(epochs=1, diagnostics={"grad_norm_every": 1})
     _, result = fit(model, separable_bundle(n_train=64), cfg, tmp_path)
     assert "2.bias" not in result.diagnostics["gradients"]["vanishing"]
+
+
+def test_resuming_with_augmentation_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Augmentations are a function of (seed, epoch, sample), so a new process resumes bit-exactly."""
+
+    def digits() -> DataBundle:  # rebuilt for each run, as a new process would
+        return build_datasets(DataConfig(dataset="digits", image_size=8, channels=1, augment={"random_crop": True, "hflip": True, "crop_padding": 1}))
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return get_model("resnet18", 10, 1, stem="cifar", width_mult=0.25)
+
+    cfg3, cfg2 = config(epochs=3, batch_size=128), config(epochs=2, batch_size=128)
+    straight, _ = fit(model(), digits(), cfg3, tmp_path / "straight")
+    fit(model(), digits(), cfg2, tmp_path / "resumed")
+    resumed, result = fit(model(), digits(), cfg3, tmp_path / "resumed")
+    assert result.metrics["resumed_from_epoch"] == 2
+    assert max_diff(params(straight), params(resumed)) < 1e-6

@@ -56,11 +56,16 @@ class _Split(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.item(index, augment=True)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Training augmentations are drawn per (seed, epoch, sample): call this at the start of each epoch."""
+        if self.augment is not None:
+            self.augment.set_epoch(epoch)
+
     def item(self, index: int, augment: bool) -> tuple[Tensor, int]:
         """Sample `index`; augment=False gives the plain normalised image even on the training split."""
         image = to_float(self.images[int(self.indices[index])])
         if augment and self.augment is not None:
-            image = self.augment(image, self.normalize)
+            image = self.augment(image, self.normalize, int(self.indices[index]))
         else:
             image = self.normalize(image)
         return image.contiguous(), int(self.targets[index])

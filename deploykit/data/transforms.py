@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
 from deploykit.data.config import AugmentConfig
 
@@ -89,16 +88,19 @@ class Augment:
     """Training augmentation in a fixed order: random crop, horizontal flip, normalise, CutOut.
 
     CutOut runs after normalisation so the erased square is 0 in the model's input space (the mean colour).
-    The generator is owned here, so a run with num_workers=0 is reproducible for a given seed.
+    The randomness of a sample is a function of (seed, epoch, sample index) alone, so DataLoader workers, DDP
+    ranks and a run resumed from a checkpoint all draw the same augmentation for the same sample and epoch.
     """
 
     def __init__(self, cfg: AugmentConfig, seed: int) -> None:
-        self.cfg = cfg
-        self._generator = torch.Generator().manual_seed(seed)
-        self._worker_seed: int | None = None
+        self.cfg, self.seed, self.epoch = cfg, seed, 0
 
-    def __call__(self, image: Tensor, normalize: Normalize) -> Tensor:
-        g = self._worker_generator()
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, image: Tensor, normalize: Normalize, index: int) -> Tensor:
+        key = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % (1 << 63)
+        g = torch.Generator().manual_seed(key)
         if self.cfg.random_crop:
             image = random_crop(image, self.cfg.crop_padding, g)
         if self.cfg.hflip:
@@ -107,15 +109,6 @@ class Augment:
         if self.cfg.cutout_size > 0:
             image = cutout(image, self.cfg.cutout_size, g)
         return image
-
-    def _worker_generator(self) -> torch.Generator:
-        # DataLoader workers each get a copy of the same generator state; reseeding from the worker's own
-        # seed (derived from the loader's seeded generator) keeps workers distinct and runs reproducible.
-        info = get_worker_info()
-        if info is not None and self._worker_seed != info.seed:
-            self._generator.manual_seed(info.seed)
-            self._worker_seed = info.seed
-        return self._generator
 
 
 def mixup_batch(

@@ -257,6 +257,8 @@ class _Trainer:
 
     def _train_loader(self, epoch: int) -> DataLoader:
         train, batch_size, seed = self.bundle.train, self.cfg.batch_size, self.cfg.seed
+        if hasattr(train, "set_epoch"):  # augmentations depend on (seed, epoch, sample): a resume replays them
+            train.set_epoch(epoch)
         if self.info.distributed:
             loader = make_loader(train, batch_size, shuffle=True, seed=seed, distributed=True, drop_last=self.drop_last)
             loader.sampler.set_epoch(epoch)  # the sampler shuffles by (seed, epoch)
