@@ -1,0 +1,1 @@
+"""Writers of deployable artifacts: Triton model repositories, TorchServe archives, Kubernetes manifests."""
