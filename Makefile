@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+TRITON_VENV ?= .venv-triton
 
 .PHONY: setup demo test clean
 
@@ -11,10 +12,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,serve]"
 	touch $@
 
-setup: $(VENV)/.installed
+# The Triton server (inside nvidia-pytriton) pins numpy 1.x, so it lives in its own environment.
+$(TRITON_VENV)/.installed: triton-env.txt
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install --quiet -r triton-env.txt
+	touch $@
+
+setup: $(VENV)/.installed $(TRITON_VENV)/.installed
 
 demo: setup
 	$(BIN)/deploykit optimize -c pipelines/quickstart.yaml
