@@ -1,0 +1,179 @@
+"""Kubernetes manifests for a Triton image: a Deployment, its Service and a CPU-based HorizontalPodAutoscaler.
+
+The image (see the Dockerfile) carries the model repository at /models, so the pod needs no volume for
+models. All three objects share one name, `triton-<model>`, made DNS-1123 safe.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploykit.deploy.names import validate_model_name
+from deploykit.errors import DeploykitError
+from deploykit.pipeline.artifacts import atomic_write_text
+
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+_MAX_NAME = 63  # a Service name is a DNS-1035 label: at most 63 characters, starting with a letter
+
+
+def k8s_name(name: str) -> str:
+    """The Kubernetes object name for model `name`: 'triton-' + lowercase, '-' for '_' and '.'."""
+    validate_model_name(name)
+    label = "triton-" + re.sub(r"[_.]", "-", name.lower()).strip("-")
+    label = re.sub(r"-{2,}", "-", label)
+    if len(label) > _MAX_NAME:
+        raise DeploykitError(
+            f"Model name {name!r} makes the Kubernetes name {label!r}, longer than {_MAX_NAME} characters: "
+            "use a shorter model name."
+        )
+    return label
+
+
+def _check(cpu: str, memory: str, ports: list[int], replicas: int, min_replicas: int, max_replicas: int) -> None:
+    for what, value in (("cpu", cpu), ("memory", memory)):
+        if not _QUANTITY.fullmatch(value):
+            raise DeploykitError(f"{what} {value!r} is not a Kubernetes quantity: write e.g. '2', '500m' or '4Gi'.")
+    if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
+        raise DeploykitError(f"Ports {ports} must be three different numbers from 1 to 65535: fix the port options.")
+    if not 1 <= min_replicas <= replicas <= max_replicas:
+        raise DeploykitError(
+            f"Replicas must satisfy 1 <= min_replicas ({min_replicas}) <= replicas ({replicas}) "
+            f"<= max_replicas ({max_replicas}): adjust them."
+        )
+
+
+def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
+
+
+def k8s_manifests(
+    name: str,
+    image: str,
+    *,
+    replicas: int = 1,
+    min_replicas: int = 1,
+    max_replicas: int = 4,
+    cpu: str = "2",
+    memory: str = "4Gi",
+    gpus: int = 0,
+    target_cpu_utilization: int = 70,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+) -> list[dict[str, Any]]:
+    """Deployment, Service and HorizontalPodAutoscaler (as plain dicts) serving `image` for model `name`."""
+    _check(cpu, memory, [http_port, grpc_port, metrics_port], replicas, min_replicas, max_replicas)
+    if gpus < 0 or not 1 <= target_cpu_utilization <= 100:
+        raise DeploykitError(
+            f"gpus ({gpus}) must be >= 0 and target_cpu_utilization ({target_cpu_utilization}) a percentage "
+            "from 1 to 100: fix those options."
+        )
+    object_name = k8s_name(name)
+    selector = {"app.kubernetes.io/name": "triton", "app.kubernetes.io/instance": object_name}
+    labels = {**selector, "app.kubernetes.io/managed-by": "deploykit"}
+    metadata = {"name": object_name, "labels": labels}
+    resources: dict[str, dict[str, Any]] = {
+        "requests": {"cpu": cpu, "memory": memory},
+        "limits": {"cpu": cpu, "memory": memory},
+    }
+    if gpus:
+        resources["limits"]["nvidia.com/gpu"] = gpus  # extended resources are set as limits only
+    container = {
+        "name": "triton",
+        "image": image,
+        "args": [
+            "tritonserver",
+            "--model-repository=/models",
+            f"--http-port={http_port}",
+            f"--grpc-port={grpc_port}",
+            f"--metrics-port={metrics_port}",
+            "--exit-on-error=false",
+        ],
+        "ports": [
+            {"name": "http", "containerPort": http_port},
+            {"name": "grpc", "containerPort": grpc_port},
+            {"name": "metrics", "containerPort": metrics_port},
+        ],
+        "resources": resources,
+        # large models load for minutes before the server answers: the startup probe holds liveness off until then
+        "startupProbe": _probe("/v2/health/live", http_port, period=10, failures=30),
+        "livenessProbe": _probe("/v2/health/live", http_port, period=10, failures=3),
+        "readinessProbe": _probe("/v2/health/ready", http_port, period=5, failures=3),
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(metrics_port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    # the Triton images' unprivileged triton-server user is uid/gid 1000; numeric, so kubelet can check it
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000},
+                    "containers": [container],
+                    # Triton's python backend exchanges tensors through /dev/shm, which is 64 MiB by default
+                    "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "selector": selector,
+            "ports": [
+                {"name": port, "port": number, "targetPort": port}
+                for port, number in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port))
+            ],
+        },
+    }
+    autoscaler = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": object_name},
+            "minReplicas": min_replicas,
+            "maxReplicas": max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": target_cpu_utilization},
+                    },
+                }
+            ],
+        },
+    }
+    return [deployment, service, autoscaler]
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """SafeDumper without &anchors: the objects share label dicts, and readers expect each spelled out."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def write_k8s(out_dir: Path, manifests: list[dict[str, Any]]) -> Path:
+    """Write `manifests` as one multi-document `<out_dir>/k8s.yaml` (for `kubectl apply -f`)."""
+    path = Path(out_dir) / "k8s.yaml"
+    atomic_write_text(path, yaml.dump_all(manifests, Dumper=_PlainDumper, sort_keys=False))
+    return path

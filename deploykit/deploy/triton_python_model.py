@@ -1,0 +1,175 @@
+"""Triton python-backend model serving `model.onnx` with ONNX Runtime: the portable flavour's model.py.
+
+deploykit.deploy.triton_repo copies this file as `<version>/model.py`. It runs inside Triton's python
+stub with the environment named by EXECUTION_ENV_PATH (numpy 1.x, its own onnxruntime), so it imports
+only numpy, onnxruntime and the standard library, never deploykit.
+
+Every request of a Triton batch is checked on its own; the valid ones are concatenated along the
+batch dimension and run in one session call, then the outputs are split back per request. A bad
+request gets an error response while the others in the same batch still succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # outside Triton (unit tests): only the plain functions below are used
+    pb_utils = None
+
+_NUMPY_TYPES = {
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_UINT16": np.uint16,
+    "TYPE_UINT32": np.uint32,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_INT8": np.int8,
+    "TYPE_INT16": np.int16,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+}
+
+Feed = dict[str, np.ndarray]
+
+
+class RequestError(Exception):
+    """Why one request failed; `code` names the pb_utils.TritonError code (INVALID_ARG answers HTTP 400)."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARG") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def input_specs(model_config: dict[str, Any]) -> list[tuple[str, type, list[int]]]:
+    """(name, numpy dtype, full expected shape with -1 for any size) of each input in a Triton model config."""
+    batch = [-1] if model_config.get("max_batch_size", 0) > 0 else []  # batched configs omit the batch dim
+    return [
+        (i["name"], _NUMPY_TYPES[i["data_type"]], batch + [int(d) for d in i["dims"]]) for i in model_config["input"]
+    ]
+
+
+def check_request(get: Callable[[str], np.ndarray | None], specs: list[tuple[str, type, list[int]]]) -> Feed:
+    """The request's inputs as a session feed; raise RequestError naming the first input that does not fit."""
+    feed: Feed = {}
+    for name, dtype, shape in specs:
+        array = get(name)
+        if array is None:
+            raise RequestError(f"input '{name}' is missing from the request; send it with shape {shape}.")
+        if array.dtype != dtype:
+            raise RequestError(f"input '{name}' has data type {array.dtype}; the model expects {np.dtype(dtype)}.")
+        if array.ndim != len(shape) or any(want not in (-1, got) for want, got in zip(shape, array.shape)):
+            raise RequestError(
+                f"input '{name}' has shape {list(array.shape)}; the model expects {shape} (-1 is any size)."
+            )
+        feed[name] = array
+    return feed
+
+
+def run_requests(
+    run: Callable[[Feed], list[np.ndarray]],
+    feeds: list[Feed | RequestError],
+    output_names: list[str],
+    batched: bool,
+) -> list[Feed | RequestError]:
+    """Outputs per request: feeds of one shape run as one concatenated batch; errors pass through."""
+    groups: dict[Any, list[int]] = {}
+    for i, feed in enumerate(feeds):
+        if isinstance(feed, RequestError):
+            continue
+        # only equal non-batch shapes can be concatenated; unbatched models run each request alone
+        key = tuple((n, a.shape[1:]) for n, a in sorted(feed.items())) if batched else i
+        groups.setdefault(key, []).append(i)
+
+    results: list[Feed | RequestError] = list(feeds)
+    for members in groups.values():
+        parts = [feeds[i] for i in members]
+        joined = parts[0] if len(parts) == 1 else {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+        try:
+            outputs = run(joined)
+        except Exception as e:  # noqa: BLE001 (one failing group must not take the other requests down)
+            error = e if isinstance(e, RequestError) else RequestError(f"ONNX Runtime failed: {e}", code="INTERNAL")
+            for i in members:
+                results[i] = error
+            continue
+        bounds = np.cumsum([len(next(iter(p.values()))) for p in parts])[:-1]
+        split = [np.split(out, bounds) for out in outputs]
+        for k, i in enumerate(members):
+            results[i] = {name: pieces[k] for name, pieces in zip(output_names, split)}
+    return results
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # cores are shared with Triton's own threads and other instances: idle workers must not spin
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def providers(instance_kind: str | None, device_id: str | None) -> list[Any]:
+    """CUDA for a GPU instance when this onnxruntime has it, CPU otherwise."""
+    if instance_kind == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": int(device_id or 0)}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def config_parameter(model_config: dict[str, Any], key: str) -> str | None:
+    return model_config.get("parameters", {}).get(key, {}).get("string_value") or None
+
+
+class TritonPythonModel:
+    """The class Triton's python backend instantiates once per model instance."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        self.specs = input_specs(config)
+        self.output_names = [o["name"] for o in config["output"]]
+        self.batched = config.get("max_batch_size", 0) > 0
+        threads = config_parameter(config, "intra_op_thread_count")
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = ort.InferenceSession(
+            path,
+            sess_options=session_options(int(threads) if threads else None),
+            providers=providers(args.get("model_instance_kind"), args.get("model_instance_device_id")),
+        )
+
+    def _run(self, feed: Feed) -> list[np.ndarray]:
+        try:
+            return self.session.run(self.output_names, feed)
+        except InvalidArgument as e:  # e.g. an image too small for the network: the client's to fix (HTTP 400)
+            raise RequestError(f"ONNX Runtime rejected this input: {e}") from None
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        feeds: list[Feed | RequestError] = []
+        for request in requests:
+            try:
+                feeds.append(check_request(lambda n, r=request: _as_numpy(r, n), self.specs))
+            except RequestError as e:
+                feeds.append(e)
+        responses = []
+        for result in run_requests(self._run, feeds, self.output_names, self.batched):
+            if isinstance(result, RequestError):
+                error = pb_utils.TritonError(str(result), getattr(pb_utils.TritonError, result.code))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+            else:
+                tensors = [pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in result.items()]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
+
+
+def _as_numpy(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()

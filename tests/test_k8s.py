@@ -1,0 +1,152 @@
+"""Kubernetes manifests checked against the Kubernetes API schemas, and the production Dockerfile's text."""
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploykit.deploy.k8s import k8s_manifests, k8s_name, write_k8s
+from deploykit.errors import DeploykitError
+
+K8S_VERSION = "1.30.0"  # a release still widely run; the schemas ship inside kubernetes-validate
+DNS_1123 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
+
+
+def by_kind(manifests):
+    return {m["kind"]: m for m in manifests}
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_manifests_pass_strict_schema_validation(gpus):
+    for manifest in k8s_manifests("digits", "registry.example/deploykit:1.0", gpus=gpus):
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+def test_broken_manifest_fails_validation():
+    deployment = by_kind(k8s_manifests("digits", "img:1"))["Deployment"]
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = [8000]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+    unknown = copy.deepcopy(deployment)
+    unknown["spec"]["replica"] = 2  # misspelt: only strict validation catches it
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(unknown, K8S_VERSION, strict=True)
+
+
+def test_deployment_runs_triton_with_probes_resources_and_metrics():
+    objects = by_kind(
+        k8s_manifests(
+            "My_Model.v2", "img:1", replicas=2, cpu="500m", memory="1Gi", gpus=1, http_port=9000, metrics_port=9002
+        )
+    )
+    assert {o["metadata"]["name"] for o in objects.values()} == {"triton-my-model-v2"}
+    pod = objects["Deployment"]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["args"][:2] == ["tritonserver", "--model-repository=/models"]
+    assert "--http-port=9000" in container["args"] and "--metrics-port=9002" in container["args"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 9000}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 9000}
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": 1},
+    }
+    assert pod["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9002",
+        "prometheus.io/path": "/metrics",
+    }
+    assert objects["Deployment"]["spec"]["replicas"] == 2
+    assert objects["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert objects["Service"]["spec"]["selector"] == objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert {p["name"]: p["port"] for p in objects["Service"]["spec"]["ports"]} == {
+        "http": 9000,
+        "grpc": 8001,
+        "metrics": 9002,
+    }
+
+
+def test_autoscaler_targets_the_deployment_on_cpu():
+    hpa = by_kind(
+        k8s_manifests("digits", "img:1", min_replicas=2, replicas=2, max_replicas=6, target_cpu_utilization=60)
+    )["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "triton-digits"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert hpa["spec"]["metrics"][0]["resource"] == {
+        "name": "cpu",
+        "target": {"type": "Utilization", "averageUtilization": 60},
+    }
+
+
+def test_gpu_limit_only_when_asked():
+    container = by_kind(k8s_manifests("digits", "img:1"))["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+
+
+@pytest.mark.parametrize("name", ["ResNet_50.int8", "9lives", "a", "x" * 56])
+def test_object_names_are_dns_labels(name):
+    assert DNS_1123.fullmatch(k8s_name(name)) and len(k8s_name(name)) <= 63
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "../etc"}, "is not allowed"),
+        ({"name": "x" * 57}, "longer than 63 characters"),
+        ({"cpu": "2 cores"}, "not a Kubernetes quantity"),
+        ({"memory": "4GB"}, "not a Kubernetes quantity"),
+        ({"grpc_port": 8000}, "three different numbers"),
+        ({"replicas": 5}, "max_replicas"),
+        ({"target_cpu_utilization": 0}, "percentage"),
+    ],
+)
+def test_bad_options_raise_one_clear_error(kwargs, message):
+    args = {"name": "digits", "image": "img:1", **kwargs}
+    with pytest.raises(DeploykitError, match=message):
+        k8s_manifests(**args)
+
+
+def test_write_k8s_is_one_multi_document_file(tmp_path):
+    manifests = k8s_manifests("digits", "img:1")
+    path = write_k8s(tmp_path / "deploy", manifests)
+    assert path == tmp_path / "deploy" / "k8s.yaml"
+    text = path.read_text()
+    assert list(yaml.safe_load_all(text)) == manifests
+    assert "&id" not in text and "*id" not in text  # every object spelled out, no YAML aliases
+    assert [p.name for p in path.parent.iterdir()] == ["k8s.yaml"]
+
+
+# ---- Dockerfile -----------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_dockerfile_pins_triton_and_serves_models():
+    steps = dockerfile_instructions()
+    froms = [args for op, args in steps if op == "FROM"]
+    assert len(froms) == 1
+    image, tag = froms[0].rsplit(":", 1)
+    assert image == "nvcr.io/nvidia/tritonserver"
+    assert re.fullmatch(r"\d{2}\.\d{2}-py3", tag)  # a release tag, never latest: 24.10 is Triton 2.51
+
+    cmd = json.loads(next(args for op, args in steps if op == "CMD"))
+    assert cmd[0] == "tritonserver" and "--model-repository=/models" in cmd
+    copies = [args for op, args in steps if op == "COPY"]
+    assert any(args.endswith("model_repo/ /models/") for args in copies)
+    runs = [args for op, args in steps if op == "RUN"]
+    torch_first = next(i for i, r in enumerate(runs) if "torch==2.13.0" in r)
+    assert torch_first < next(i for i, r in enumerate(runs) if ".[gpu]" in r)
+    assert dict(steps)["USER"] == "triton-server"
+    assert dict(steps)["EXPOSE"].split() == ["8000", "8001", "8002"]
+    assert "/v2/health/ready" in dict(steps)["HEALTHCHECK"]
