@@ -118,3 +118,7 @@ def version() -> None:
     from deploykit import __version__
 
     print(__version__)
+
+
+# The deployment commands live in their own module; importing it registers them on `app`.
+from deploykit import cli_deploy  # noqa: E402,F401

@@ -28,3 +28,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    """A real Triton (nvidia-pytriton's binary) serving the tiny model, portable flavour, dynamic batching on."""
+    from servers import triton_with_tiny
+
+    with triton_with_tiny(tmp_path_factory.mktemp("triton")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory):
+    """A real TorchServe serving the tiny model through deploykit's ONNX Runtime handler."""
+    from servers import torchserve_with_tiny
+
+    with torchserve_with_tiny(tmp_path_factory.mktemp("torchserve")) as served:
+        yield served

@@ -1,0 +1,286 @@
+"""The deployment commands: package, serve, control, loadtest, validate (registered on the main `deploykit` app)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from deploykit.cli import app, console, err_console, user_errors
+from deploykit.errors import DeploykitError
+
+Engine = Annotated[str, typer.Option("--engine", help="triton or torchserve.")]
+Url = Annotated[str, typer.Option("--url", help="The server's HTTP endpoint.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Model name on the server.")]
+Host = Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the server to the network.")]
+_ENGINE_PORTS = {"triton": (8000, 8001, 8002), "torchserve": (8080, 8081, 8082)}
+
+control = typer.Typer(help="Explicit model control on a running Triton: status, load, unload, roll back.")
+app.add_typer(control, name="control")
+
+
+@app.command()
+@user_errors
+def package(
+    model_file: Annotated[Path, typer.Argument(help="The model to package: .onnx (or .plan for native Triton).")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name (a folder name and URL segment).")] = "model",
+    repo: Annotated[Path, typer.Option("--repo", help="Triton model repository to add a version to.")] = Path("model_repo"),
+    flavour: Annotated[str, typer.Option(help="portable (python backend + ONNX Runtime) or native (official image).")] = "portable",
+    max_batch_size: Annotated[int, typer.Option(help="Largest batch Triton forms (0: no batching).")] = 8,
+    dynamic_batching: Annotated[bool, typer.Option(help="Let Triton group concurrent requests into batches.")] = True,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for a batch to fill.")] = 500,
+    instances: Annotated[int, typer.Option(help="Model instances (parallel executions).")] = 1,
+    gpu: Annotated[bool, typer.Option(help="Run instances on the GPU (KIND_GPU).")] = False,
+    version: Annotated[int | None, typer.Option(help="Version number (default: the next free one).")] = None,
+    torchserve: Annotated[bool, typer.Option(help="Also write a TorchServe archive (legacy target).")] = False,
+    model_store: Annotated[Path, typer.Option(help="Where the TorchServe .mar goes.")] = Path("model_store"),
+    k8s: Annotated[bool, typer.Option("--k8s", help="Also write Kubernetes manifests (k8s.yaml) into the repo's parent.")] = False,
+    image: Annotated[str, typer.Option(help="Container image the Kubernetes Deployment runs.")] = "deploykit-triton:latest",
+) -> None:
+    """Add a model version to a Triton model repository (and optionally a TorchServe archive and k8s manifests)."""
+    from deploykit.deploy.triton_repo import TritonModelOptions, write_triton_model
+    from deploykit.serve.triton import find_triton
+
+    if not model_file.is_file():
+        raise DeploykitError(f"Model file {model_file} does not exist: export one with `deploykit optimize` first.")
+    env = None
+    if flavour == "portable":  # the python backend needs the environment holding numpy and onnxruntime
+        try:
+            env = find_triton().python_env
+        except DeploykitError as e:
+            err_console.print(f"[yellow]warning:[/yellow] EXECUTION_ENV_PATH left unset: {e}")
+    options = TritonModelOptions(
+        flavour=flavour,
+        max_batch_size=max_batch_size,
+        dynamic_batching=dynamic_batching,
+        max_queue_delay_us=max_queue_delay_us,
+        instances=instances,
+        kind="gpu" if gpu else "cpu",
+        execution_env=str(env) if env else None,
+    )
+    written = write_triton_model(repo, name, model_file, options, version=version)
+    console.print(f"triton: {written}")
+    if torchserve:
+        from deploykit.deploy.torchserve_archive import write_torchserve_archive
+
+        console.print(f"torchserve: {write_torchserve_archive(model_file, model_store, name, batch_size=max(1, max_batch_size))}")
+    if k8s:
+        from deploykit.deploy.k8s import k8s_manifests, write_k8s
+
+        console.print(f"kubernetes: {write_k8s(repo.resolve().parent, k8s_manifests(name, image))}")
+
+
+def _wait_for_signal(is_running: Any) -> str:
+    """Block until Ctrl-C or SIGTERM (returns which) or until the server dies (returns 'exited')."""
+    stop = threading.Event()
+    caught: list[str] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        caught.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    while not stop.wait(0.5):
+        if not is_running():
+            return "exited"
+    return caught[0]
+
+
+@app.command()
+@user_errors
+def serve(
+    model_repo: Annotated[Path, typer.Argument(help="Triton model repository, or TorchServe model store.")] = Path("model_repo"),
+    engine: Engine = "triton",
+    host: Host = "127.0.0.1",
+    http_port: Annotated[int | None, typer.Option(help="HTTP (inference) port [triton 8000, torchserve 8080].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port [8001]; TorchServe: its management port [8081].")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port [triton 8002, torchserve 8082].")] = None,
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Load only these models (repeatable).")] = [],  # noqa: B006
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become ready.")] = 120.0,
+) -> None:
+    """Start a real Triton (or TorchServe) server on a model repository and keep it up until Ctrl-C or SIGTERM."""
+    if engine not in _ENGINE_PORTS:
+        raise DeploykitError(f"Engine '{engine}' is unknown: use triton or torchserve.")
+    defaults = _ENGINE_PORTS[engine]
+    http, grpc, metrics = (p if p is not None else d for p, d in zip((http_port, grpc_port, metrics_port), defaults))
+    if engine == "triton":
+        from deploykit.serve.triton import TritonServer
+
+        server: Any = TritonServer(model_repo, host=host, http_port=http, grpc_port=grpc, metrics_port=metrics, models=model or None)
+    else:
+        from deploykit.serve.torchserve import TorchServeServer
+
+        server = TorchServeServer(model_repo, host=host, inference_port=http, management_port=grpc, metrics_port=metrics)
+    server.start(timeout=timeout)
+    try:
+        table = Table(title=f"{engine} serving {Path(model_repo).resolve()}")
+        table.add_column("endpoint")
+        table.add_column("address")
+        for key, value in server.endpoints.items():
+            table.add_row(key, value)
+        console.print(table)
+        if engine == "triton":
+            _print_model_states(server.control.model_states())
+        console.print("Ctrl-C or SIGTERM stops the server.")
+        how = _wait_for_signal(lambda: server.process.running)
+        if how == "exited":
+            raise DeploykitError(f"The {engine} server exited on its own; see {server.log_path}.")
+        err_console.print(f"{how}: stopping the {engine} server")
+    finally:
+        server.stop()
+
+
+def _print_model_states(states: list[dict[str, Any]]) -> None:
+    table = Table(title="models")
+    for col in ("model", "version", "state", "reason"):
+        table.add_column(col)
+    for s in states:
+        colour = "green" if s.get("state") == "READY" else "red"
+        table.add_row(s.get("name", ""), s.get("version", ""), f"[{colour}]{s.get('state', '')}[/{colour}]", s.get("reason", ""))
+    console.print(table)
+
+
+@control.command("status")
+@user_errors
+def control_status(url: Url = "http://127.0.0.1:8000") -> None:
+    """Every model version in the server's repository, its state, and why it failed if it did."""
+    from deploykit.serve.triton import ModelControl
+
+    _print_model_states(ModelControl(url).model_states())
+
+
+@control.command("load")
+@user_errors
+def control_load(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int | None, typer.Option(help="Serve exactly this version (a roll back or forward).")] = None,
+    url: Url = "http://127.0.0.1:8000",
+) -> None:
+    """Load or reload a model; `--version N` serves only version N."""
+    from deploykit.serve.triton import ModelControl
+
+    ModelControl(url).load(name, version)
+    console.print(f"loaded {name}" + (f" version {version}" if version else ""))
+
+
+@control.command("rollback")
+@user_errors
+def control_rollback(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Option(help="The earlier version to serve.")],
+    url: Url = "http://127.0.0.1:8000",
+) -> None:
+    """Serve an earlier version of a model instead of the current one."""
+    control_load(name, version, url)
+
+
+@control.command("unload")
+@user_errors
+def control_unload(name: Annotated[str, typer.Argument(help="Model name.")], url: Url = "http://127.0.0.1:8000") -> None:
+    """Stop serving a model (its files stay in the repository)."""
+    from deploykit.serve.triton import ModelControl
+
+    ModelControl(url).unload(name)
+    console.print(f"unloaded {name}")
+
+
+def _slo(task: str | None, max_latency_ms: float | None, min_throughput: float | None) -> Any:
+    from deploykit.loadtest.slo import custom_slo
+
+    return custom_slo(task, max_latency_ms=max_latency_ms, min_throughput=min_throughput) if task else None
+
+
+SloOpt = Annotated[str | None, typer.Option("--slo", help="SLO task from the targets table, e.g. image_classification.")]
+MaxLatency = Annotated[float | None, typer.Option(help="Override the SLO's P95 latency target (ms).")]
+MinThroughput = Annotated[float | None, typer.Option(help="Override the SLO's throughput target (per second).")]
+Users = Annotated[list[int], typer.Option("--users", "-u", help="Concurrent users; repeat for a sweep (-u 1 -u 4 -u 8).")]
+Duration = Annotated[float, typer.Option(help="Seconds of load per concurrency level.")]
+Out = Annotated[Path, typer.Option("--out", help="Folder for the JSON results and the plot.")]
+
+
+@app.command()
+@user_errors
+def loadtest(
+    url: Url = "http://127.0.0.1:8000",
+    model: Model = "model",
+    users: Users = [1],  # noqa: B006
+    spawn_rate: Annotated[float, typer.Option(help="Users started per second.")] = 10.0,
+    duration: Duration = 15.0,
+    protocol: Annotated[str, typer.Option(help="http, grpc (Triton) or torchserve.")] = "http",
+    grpc_url: Annotated[str | None, typer.Option(help="gRPC endpoint [host:8001].")] = None,
+    metrics_url: Annotated[str | None, typer.Option(help="Prometheus endpoint to scrape before and after.")] = None,
+    samples: Annotated[Path | None, typer.Option(help=".npy of real inputs [N, C, H, W] to send.")] = None,
+    slo: SloOpt = None,
+    size_mb: Annotated[float | None, typer.Option(help="Model size for the SLO's size criterion.")] = None,
+    max_latency_ms: MaxLatency = None,
+    min_throughput: MinThroughput = None,
+    out: Out = Path("loadtest"),
+) -> None:
+    """Run locust headless against a served model; print P50/P95/P99, throughput and the SLO verdict (exit 1 on a breach)."""
+    from deploykit.loadtest.runner import run_loadtest, verdict_table
+    from deploykit.pipeline.progress import Reporter
+
+    with Reporter() as reporter:
+        result = run_loadtest(
+            url, model, users=users, spawn_rate=spawn_rate, duration_s=duration, protocol=protocol,
+            grpc_url=grpc_url, samples=samples, metrics_url=metrics_url, out_dir=out,
+            slo=_slo(slo, max_latency_ms, min_throughput), size_mb=size_mb, reporter=reporter,
+        )  # fmt: skip
+    console.print(verdict_table(result))
+    console.print(f"results: {out / 'loadtest.json'}")
+    verdict = result.get("verdict")
+    if verdict and not verdict["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def validate(
+    url: Url = "http://127.0.0.1:8000",
+    model: Model = "model",
+    engine: Engine = "triton",
+    onnx: Annotated[Path | None, typer.Option(help="The offline ONNX model the served outputs must equal.")] = None,
+    samples: Annotated[Path | None, typer.Option(help=".npy of real inputs [N, C, H, W].")] = None,
+    grpc_url: Annotated[str | None, typer.Option(help="Triton's gRPC endpoint, to check gRPC too.")] = None,
+    metrics_url: Annotated[str | None, typer.Option(help="Prometheus endpoint.")] = None,
+    users: Users = [1, 4],  # noqa: B006
+    duration: Duration = 10.0,
+    slo: SloOpt = "image_classification",
+    max_latency_ms: MaxLatency = None,
+    min_throughput: MinThroughput = None,
+    out: Out = Path("validation"),
+) -> None:
+    """Health, correctness against offline ONNX Runtime, bad inputs, metrics, then a load test against the SLO."""
+    import numpy as np
+
+    from deploykit.pipeline.progress import Reporter
+    from deploykit.validate import validate_server
+
+    size_mb = onnx.stat().st_size / 1e6 if onnx and onnx.is_file() else None
+    with Reporter() as reporter:
+        result = validate_server(
+            url, model, out_dir=out, engine=engine, onnx_path=onnx,
+            samples=np.load(samples) if samples else None, grpc_url=grpc_url, metrics_url=metrics_url,
+            users=users, duration_s=duration, slo=_slo(slo, max_latency_ms, min_throughput), size_mb=size_mb,
+            reporter=reporter,
+        )  # fmt: skip
+    console.print(checks_table(result["checks"]))
+    console.print(f"results: {out / 'validation.json'}")
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+def checks_table(checks: list[dict[str, Any]]) -> Table:
+    table = Table(title="deploykit validate")
+    for col in ("group", "check", "result", "detail"):
+        table.add_column(col)
+    colours = {"pass": "green", "warn": "yellow", "fail": "red"}
+    for c in checks:
+        colour = colours[c["status"]]
+        table.add_row(c["group"], c["name"], f"[{colour}]{c['status']}[/{colour}]", c["detail"])
+    return table

@@ -1,0 +1,157 @@
+"""The real Triton server: start, infer over HTTP and gRPC, a broken model failing alone, roll back, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from servers import NAME, SAMPLE, export_tiny, portable_options, ports, start_triton
+
+from deploykit.deploy.triton_repo import write_triton_model
+from deploykit.errors import DeploykitError
+from deploykit.serve import triton as triton_mod
+from deploykit.serve.process import http_status
+
+
+def offline(onnx_path, x):
+    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *SAMPLE)).astype(np.float32)
+
+
+def group_alive(pgid: int) -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=,comm=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def test_http_and_grpc_inference_equal_onnxruntime(triton):
+    x = batch(3)
+    expected = offline(triton.onnx, x)
+    http = httpclient.InferenceServerClient(triton.http_url.removeprefix("http://"))
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(http.infer(NAME, [inp]).as_numpy("logits"), expected, rtol=1e-5, atol=1e-5)
+    grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+    ginp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    ginp.set_data_from_numpy(x)
+    np.testing.assert_allclose(grpc.infer(NAME, [ginp]).as_numpy("logits"), expected, rtol=1e-5, atol=1e-5)
+    grpc.close()
+    assert http.is_server_live() and http.is_model_ready(NAME)
+    http.close()
+
+
+def test_binds_loopback_only_by_default(triton):
+    assert triton.http_url.startswith("http://127.0.0.1:")
+    argv = " ".join(triton.server.process.argv)
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"):
+        assert flag in argv
+
+
+@pytest.fixture(scope="module")
+def versioned(tmp_path_factory):
+    """Versions 1 and 2 of the tiny model (different weights) and a model whose file is not ONNX."""
+    tmp = tmp_path_factory.mktemp("versions")
+    v1, v2 = export_tiny(tmp / "v1.onnx", seed=1), export_tiny(tmp / "v2.onnx", seed=2)
+    repo = tmp / "repo"
+    write_triton_model(repo, NAME, v1, portable_options())
+    write_triton_model(repo, NAME, v2, portable_options())
+    broken = tmp / "broken.onnx"
+    broken.write_bytes(v1.read_bytes())
+    write_triton_model(repo, "broken", broken, portable_options())
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    server = start_triton(repo, log_path=tmp / "triton.log")
+    yield server, v1, v2
+    server.stop()
+
+
+def served(server, x):
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+    url = f"{server.endpoints['http']}/v2/models/{NAME}/infer"
+    with urllib.request.urlopen(urllib.request.Request(url, body.encode()), timeout=30) as r:
+        reply = json.loads(r.read())
+    return reply["model_version"], np.asarray(reply["outputs"][0]["data"], np.float32).reshape(reply["outputs"][0]["shape"])
+
+
+def test_a_broken_model_fails_alone_with_its_reason(versioned):
+    server, _, _ = versioned
+    failed = server.control.failed_models()
+    assert list(failed) == ["broken"]
+    assert "onnx" in failed["broken"].lower() or "protobuf" in failed["broken"].lower()
+    assert http_status(f"{server.endpoints['http']}/v2/models/{NAME}/ready") == 200
+
+
+def test_latest_version_serves_then_rolls_back_and_forward(versioned):
+    server, v1, v2 = versioned
+    x = batch(2, seed=3)
+    version, y = served(server, x)
+    assert version == "2"
+    np.testing.assert_allclose(y, offline(v2, x), rtol=1e-5, atol=1e-5)
+    server.control.load(NAME, version=1)
+    assert server.control.ready_versions(NAME) == [1]
+    version, y = served(server, x)
+    assert version == "1"
+    np.testing.assert_allclose(y, offline(v1, x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(offline(v1, x), offline(v2, x))  # the roll back really changed the weights served
+    server.control.unload(NAME)
+    deadline = time.monotonic() + 10
+    while http_status(f"{server.endpoints['http']}/v2/models/{NAME}/ready") == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert http_status(f"{server.endpoints['http']}/v2/models/{NAME}/ready") == 400
+    server.control.load(NAME)
+    assert served(server, x)[0] == "2"
+
+
+def test_control_refuses_unknown_versions_and_names(versioned):
+    server, _, _ = versioned
+    with pytest.raises(DeploykitError, match="no version 7"):
+        server.control.load(NAME, version=7)
+    with pytest.raises(DeploykitError, match="not allowed"):
+        server.control.load("../etc")
+
+
+def test_missing_repository_and_missing_server_are_one_sentence(tmp_path, monkeypatch):
+    with pytest.raises(DeploykitError, match="does not exist"):
+        triton_mod.TritonServer(tmp_path / "nope").start()
+    # Nothing on PATH and no environment holding nvidia-pytriton: the one acceptable fake is the lookup.
+    monkeypatch.setattr(triton_mod.shutil, "which", lambda _: None)
+    monkeypatch.setattr(triton_mod, "_candidate_envs", lambda: [tmp_path])
+    with pytest.raises(DeploykitError, match="make setup"):
+        triton_mod.find_triton()
+
+
+def test_cli_serve_prints_endpoints_and_stops_on_sigterm_without_orphans(tmp_path):
+    repo = tmp_path / "repo"
+    write_triton_model(repo, NAME, export_tiny(tmp_path / "m.onnx"), portable_options())
+    http, grpc, metrics = ports()
+    cmd = [sys.executable, "-m", "deploykit", "serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
+           "--metrics-port", str(metrics)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while http_status(f"http://127.0.0.1:{http}/v2/models/{NAME}/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        time.sleep(0.5)  # the endpoint table is printed right after readiness
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert f"http://127.0.0.1:{http}" in out and f"127.0.0.1:{grpc}" in out and f":{metrics}/metrics" in out
+    assert "READY" in out
+    assert http_status(f"http://127.0.0.1:{http}/v2/health/live") is None
+    leftovers = subprocess.run(["pgrep", "-f", f"--http-port={http}"], capture_output=True, text=True).stdout
+    assert leftovers.strip() == ""
