@@ -16,7 +16,11 @@ RUN python3 -m pip install --no-cache-dir torch==2.13.0
 # Sources before the model repository, so a new model does not reinstall the package.
 COPY pyproject.toml README.md ./
 COPY deploykit ./deploykit
-RUN python3 -m pip install --no-cache-dir ".[gpu]"
+# onnxruntime (a core dependency) and onnxruntime-gpu install the same module and overwrite each other:
+# keep only the GPU build.
+RUN python3 -m pip install --no-cache-dir ".[gpu]" \
+ && python3 -m pip uninstall -y onnxruntime onnxruntime-gpu \
+ && python3 -m pip install --no-cache-dir onnxruntime-gpu
 
 COPY --chown=triton-server:triton-server model_repo/ /models/
 

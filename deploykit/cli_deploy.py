@@ -39,7 +39,7 @@ def package(
     torchserve: Annotated[bool, typer.Option(help="Also write a TorchServe archive (legacy target).")] = False,
     model_store: Annotated[Path, typer.Option(help="Where the TorchServe .mar goes.")] = Path("model_store"),
     k8s: Annotated[bool, typer.Option("--k8s", help="Also write Kubernetes manifests (k8s.yaml) into the repo's parent.")] = False,
-    image: Annotated[str, typer.Option(help="Container image the Kubernetes Deployment runs.")] = "deploykit-triton:latest",
+    image: Annotated[str, typer.Option(help="Container image the Kubernetes Deployment runs (pin a tag).")] = "deploykit-triton:0.1.0",
 ) -> None:
     """Add a model version to a Triton model repository (and optionally a TorchServe archive and k8s manifests)."""
     from deploykit.deploy.triton_repo import TritonModelOptions, write_triton_model

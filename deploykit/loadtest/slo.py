@@ -74,11 +74,12 @@ def _criterion(measured: float, target: float, unit: str, higher_is_better: bool
 
 
 def verdict(
-    slo: SLO, latency_ms: float, throughput: float, size_mb: float, latency_percentile: str = "p95"
+    slo: SLO, latency_ms: float, throughput: float, size_mb: float | None, latency_percentile: str = "p95"
 ) -> dict[str, Any]:
     """Pass/fail per criterion (latency, throughput, size) and overall; margins are positive when a target is met.
 
     `latency_ms` is the `latency_percentile` (P95 by default) of the measured latencies, as the result records.
+    `size_mb=None` (a load test against a server whose model file is not at hand) leaves the size criterion out.
     """
     if latency_percentile not in PERCENTILES:
         raise DeploykitError(
@@ -87,8 +88,9 @@ def verdict(
     criteria = {
         "latency": _criterion(latency_ms, slo.max_latency_ms, "ms", higher_is_better=False),
         "throughput": _criterion(throughput, slo.min_throughput, slo.throughput_unit, higher_is_better=True),
-        "size": _criterion(size_mb, slo.max_size_mb, "MB", higher_is_better=False),
     }
+    if size_mb is not None:
+        criteria["size"] = _criterion(size_mb, slo.max_size_mb, "MB", higher_is_better=False)
     return {
         "task": slo.task,
         "latency_percentile": latency_percentile,

@@ -277,6 +277,59 @@ def _verdict_blocks(
     ]
 
 
+# ---- served (the deploy stage) --------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return f.NA if value is None else f"{value:.3f}"
+
+
+def served_blocks(upstream: list[StageRecord], rows: list[dict[str, Any]]) -> list[Block]:
+    """The deploy stage's numbers on the real server, beside the offline latency of the same artifact."""
+    record = next((r for r in reversed(upstream) if r.type == "deploy"), None)
+    if record is None:
+        return [Paragraph("No deploy stage ran: the model was not served, load-tested or validated.")]
+    m = _metrics(record)
+    offline = next((r for r in reversed(rows) if r["role"] == m.get("role") and r["p50_ms"] is not None), None)
+    blocks: list[Block] = [
+        Paragraph(
+            f"{m['artifact']} served as '{m['model']}' on {m['engine']}: {m['checks_passed']} checks passed, "
+            f"{m['checks_warned']} warned, {len(m['checks_failed'])} failed"
+            + (f" ({'; '.join(m['checks_failed'])})" if m["checks_failed"] else "")
+            + f". Overall: {'PASS' if m['passed'] else 'FAIL'}."
+        )
+    ]
+    served = m.get("served") or []
+    if not served:
+        return blocks
+    table_rows = [
+        [
+            str(level["users"]),
+            _ms(level["p50_ms"]),
+            _ms(level["p95_ms"]),
+            _ms(level["p99_ms"]),
+            f"{level['throughput_rps']:.1f}",
+            f"{100 * level['error_rate']:.2f}%",
+            _ms(level["server"].get("queue_ms")),
+            _ms(level["server"].get("compute_ms")),
+            f"{level['server']['avg_batch_size']:.2f}" if level["server"].get("avg_batch_size") else f.NA,
+        ]
+        for level in served
+    ]
+    headers = ["Users", "P50 ms", "P95 ms", "P99 ms", "Req/s", "Errors", "Queue ms", "Compute ms", "Avg batch"]
+    blocks.append(Table(headers, table_rows))
+    if offline is not None and offline["latency_batch"] == 1:
+        gap = served[0]["p50_ms"] - offline["p50_ms"]
+        blocks.append(
+            Paragraph(
+                f"At {served[0]['users']} user(s) the served P50 is {served[0]['p50_ms']:.3f} ms against "
+                f"{offline['p50_ms']:.3f} ms offline in one process (batch 1): the server, protocol and client "
+                f"add {gap:.3f} ms. Queue and compute are Triton's own per-request averages from its Prometheus counters."
+            )
+        )
+    return blocks
+
+
 # ---- honesty notes ---------------------------------------------------------------------------------
 
 
@@ -391,6 +444,8 @@ def build(
         *_diagnostics_blocks(inp.upstream),
         Heading("SLO verdict"),
         *_verdict_blocks(deployable, why, result, inp, big),
+        Heading("Served"),
+        *served_blocks(inp.upstream, rows),
         Heading("Notes"),
         Bullets(notes),
     ]

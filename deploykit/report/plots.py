@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 _MARKERS = "osD^vP*Xph"  # distinct shapes keep artifacts with equal numbers visible on top of each other
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_png(fig: Figure, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -44,7 +44,7 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_tradeoff(points: list[tuple[str, float, float]], path: Path, latency_label: str) -> None:
@@ -62,4 +62,4 @@ def plot_tradeoff(points: list[tuple[str, float, float]], path: Path, latency_la
     ax.set(title="Accuracy vs latency (up and left is better)", xlabel=latency_label, ylabel="top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)

@@ -188,6 +188,7 @@ class TritonServer:
         env = {**os.environ, **install.env}
         self.process = ServerProcess(self.argv(install), self.log_path, env=env)
         self.process.wait_http(f"{self.endpoints['http']}/v2/health/ready", timeout, what="Triton server")
+        self.process.wait_http(self.endpoints["metrics"], 10.0, what="Triton server")  # it starts after HTTP
         return self
 
     def stop(self) -> int | None:

@@ -1,3 +1,14 @@
 """Built-in stages; importing this package registers them."""
 
-from deploykit.stages import benchmark, distill, export, load, prune, quantize, report, tensorrt, train  # noqa: F401
+from deploykit.stages import (  # noqa: F401
+    benchmark,
+    deploy,
+    distill,
+    export,
+    load,
+    prune,
+    quantize,
+    report,
+    tensorrt,
+    train,
+)

@@ -1,0 +1,175 @@
+"""Locust users that speak the Open Inference Protocol to Triton (HTTP or gRPC) and to TorchServe.
+
+Configured by environment variables, so the same file serves `deploykit loadtest` and a plain `locust -f`:
+
+    DEPLOYKIT_PROTOCOL     http (default) | grpc | torchserve: which user class runs
+    DEPLOYKIT_MODEL        the model's name on the server (required)
+    DEPLOYKIT_GRPC_URL     gRPC target for `grpc` (default: the --host's hostname, port 8001)
+    DEPLOYKIT_INPUT_SHAPE  per-sample input shape for `torchserve`, e.g. "3,16,16" (Triton's come from its metadata)
+    DEPLOYKIT_SAMPLES_IN   a .npy of real inputs (N, C, H, W) float32 to cycle through (default: seeded random normal)
+    DEPLOYKIT_SAMPLES_OUT  where to write every request's raw timing at exit (.npy: rows of
+                           [start time s since epoch, response time ms, success 0/1]; any other suffix: JSON)
+
+Locust's own percentiles are rounded to whole milliseconds; the raw timings written here are not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from itertools import cycle
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc.experimental.gevent
+import numpy as np
+from locust import FastHttpUser, User, events, task
+
+from deploykit.loadtest.runner import PROTOCOLS, TORCHSERVE_INPUT_NAME, check_samples, oip_body, sample_shape
+from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
+
+grpc.experimental.gevent.init_gevent()  # before any channel exists, or gRPC calls block the gevent loop
+
+__all__ = ["TorchServeUser", "TritonGrpcUser", "TritonHttpUser"]
+
+PROTOCOL = os.environ.get("DEPLOYKIT_PROTOCOL", "http")
+MODEL = os.environ.get("DEPLOYKIT_MODEL", "")
+_MAX_BODIES = 32  # requests cycle through at most this many pre-encoded inputs: JSON of a 224x224 image is ~1.5 MB
+_RANDOM_SAMPLES = 8
+
+# Settings are checked at import, so a bad one stops locust with this sentence before any user starts.
+if PROTOCOL not in PROTOCOLS:
+    raise SystemExit(f"DEPLOYKIT_PROTOCOL={PROTOCOL!r} is unknown: set it to one of {', '.join(PROTOCOLS)}.")
+if not MODEL:
+    raise SystemExit("DEPLOYKIT_MODEL is not set: export it as the model's name on the server.")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'3,224,224' -> (3, 224, 224)."""
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise SystemExit(f"DEPLOYKIT_INPUT_SHAPE={text!r} is not a shape: set it like '3,224,224'.")
+    return shape
+
+
+TORCHSERVE_SHAPE = parse_shape(os.environ.get("DEPLOYKIT_INPUT_SHAPE", "")) if PROTOCOL == "torchserve" else ()
+
+
+def load_samples(shape: tuple[int, ...]) -> np.ndarray:
+    """Inputs of per-sample `shape`: the first samples of DEPLOYKIT_SAMPLES_IN, or seeded random normal data."""
+    path = os.environ.get("DEPLOYKIT_SAMPLES_IN")
+    if not path:
+        return np.random.default_rng(0).standard_normal((_RANDOM_SAMPLES, *shape)).astype(np.float32)
+    check_samples(path, shape, MODEL)
+    return np.ascontiguousarray(np.load(path, mmap_mode="r")[:_MAX_BODIES], dtype=np.float32)
+
+
+_bodies: dict[str, list[bytes]] = {}  # encoded once per process (per host), shared by every user
+
+
+def http_bodies(host: str) -> list[bytes]:
+    """JSON request bodies for Triton (input from GET /v2/models/<m>) or TorchServe (input from env)."""
+    if host not in _bodies:
+        if PROTOCOL == "torchserve":
+            name, datatype, shape = TORCHSERVE_INPUT_NAME, "FP32", TORCHSERVE_SHAPE
+        else:
+            with urllib.request.urlopen(f"{host.rstrip('/')}/v2/models/{MODEL}", timeout=10) as r:
+                first = json.load(r)["inputs"][0]
+            name, datatype, shape = first["name"], first["datatype"], sample_shape(first["shape"])
+        _bodies[host] = [oip_body(name, datatype, s) for s in load_samples(shape)]
+    return _bodies[host]
+
+
+# ---- raw timings --------------------------------------------------------------------------------------
+
+_timings: list[tuple[float, float, float]] = []  # (start s since epoch, response time ms, success)
+
+
+@events.request.add_listener
+def _record(
+    response_time: float, exception: BaseException | None = None, start_time: float | None = None, **_: Any
+) -> None:
+    started = start_time if start_time is not None else time.time() - response_time / 1000
+    _timings.append((started, float(response_time), 0.0 if exception else 1.0))
+
+
+@events.quitting.add_listener
+def _write_timings(**_: Any) -> None:
+    out = os.environ.get("DEPLOYKIT_SAMPLES_OUT")
+    if not out:
+        return
+    if out.endswith(".npy"):
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.array(_timings, dtype=np.float64).reshape(-1, 3))
+    else:
+        keys = ("start_time", "response_time_ms", "success")
+        atomic_write_json(out, [dict(zip(keys, t)) for t in _timings])
+
+
+# ---- users --------------------------------------------------------------------------------------------
+
+
+class TritonHttpUser(FastHttpUser):
+    """POST /v2/models/<m>/infer with a JSON body, back to back (no think time: a closed-loop load)."""
+
+    abstract = PROTOCOL != "http"
+    path = f"/v2/models/{MODEL}/infer"
+
+    def on_start(self) -> None:
+        self.bodies = cycle(http_bodies(self.host))
+
+    @task
+    def infer(self) -> None:
+        self.client.post(self.path, data=next(self.bodies), headers={"Content-Type": "application/json"})
+
+
+class TorchServeUser(TritonHttpUser):
+    """POST /predictions/<m> with the same OIP JSON body; TorchServe has no metadata, so the shape comes from env."""
+
+    abstract = PROTOCOL != "torchserve"
+    path = f"/predictions/{MODEL}"
+
+
+class TritonGrpcUser(User):
+    """tritonclient's gRPC `infer`; locust sees it through request events fired here."""
+
+    abstract = PROTOCOL != "grpc"
+
+    def on_start(self) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import triton_to_np_dtype
+
+        default = f"{urlsplit(self.host or 'http://127.0.0.1').hostname}:8001"
+        self.client = grpcclient.InferenceServerClient(os.environ.get("DEPLOYKIT_GRPC_URL", default))
+        first = self.client.get_model_metadata(MODEL, as_json=True)["inputs"][0]
+        inputs = []
+        for sample in load_samples(sample_shape(first["shape"])):
+            tensor = grpcclient.InferInput(first["name"], [1, *sample.shape], first["datatype"])
+            tensor.set_data_from_numpy(sample[None].astype(triton_to_np_dtype(first["datatype"])))
+            inputs.append([tensor])
+        self.inputs = cycle(inputs)
+
+    def on_stop(self) -> None:
+        self.client.close()  # an open channel keeps locust from exiting
+
+    @task
+    def infer(self) -> None:
+        start, t0, exception, length = time.time(), time.perf_counter(), None, 0
+        try:
+            length = self.client.infer(MODEL, next(self.inputs)).get_response().ByteSize()
+        except Exception as e:  # noqa: BLE001 (any failure is a failed request, as locust counts HTTP errors)
+            exception = e
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=f"/{MODEL}/infer",
+            response_time=(time.perf_counter() - t0) * 1000,
+            response_length=length,
+            exception=exception,
+            context={},
+            start_time=start,
+        )

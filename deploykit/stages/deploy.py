@@ -1,0 +1,175 @@
+"""The `deploy` stage: package the deployable model, serve it on a real server, validate it, stop the server.
+
+The served numbers (P50/P95/P99 per concurrency, throughput, server-side queue vs compute) land in the stage's
+metrics, where the report puts them beside the offline benchmark.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deploykit.deploy.names import validate_model_name
+from deploykit.deploy.triton_repo import TritonModelOptions
+from deploykit.errors import DeploykitError
+from deploykit.loadtest.slo import SLO_TABLE, custom_slo
+from deploykit.pipeline.context import StageContext
+from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.serve.process import free_port
+from deploykit.stages.report import SLOOverrides
+
+SAMPLES = 64  # real validation samples sent by the checks and the load test
+
+
+class DeployConfig(BaseModel):
+    """Where and how to serve, and what the served model must prove."""
+
+    model_config = ConfigDict(extra="forbid")
+    engine: Literal["triton", "torchserve"] = Field("triton", description="Server to deploy on (TorchServe is legacy).")
+    model_name: str | None = Field(None, description="Name on the server (default: the pipeline's name).")
+    source: Literal["auto", "onnx", "onnx_int8"] = Field(
+        "auto", description="ONNX artifact to serve; auto takes the quantize stage's deployable pick."
+    )
+    triton: TritonModelOptions = Field(default_factory=TritonModelOptions, description="Triton model settings.")
+    torchserve_batch_size: int = Field(8, ge=1, description="TorchServe batch size.")
+    torchserve_max_batch_delay_ms: int = Field(5, ge=0, description="How long TorchServe waits to fill a batch.")
+    host: str = Field("127.0.0.1", description="Address the server binds while it is validated.")
+    users: list[int] = Field([1, 4], min_length=1, description="Concurrency levels of the load test.")
+    duration_s: float = Field(10.0, ge=0.0, description="Seconds of load per level (0: skip the load test).")
+    spawn_rate: float = Field(10.0, gt=0.0, description="Locust users started per second.")
+    protocol: Literal["http", "grpc"] = Field("http", description="Protocol of the load test's users (Triton).")
+    slo_task: str = Field("image_classification", description=f"SLO target table row: one of {', '.join(SLO_TABLE)}.")
+    slo: SLOOverrides = Field(default_factory=SLOOverrides, description="Override some of the task's targets.")
+    fail_on_breach: bool = Field(False, description="Fail the run when a check or the SLO fails.")
+    start_timeout_s: float = Field(120.0, gt=0.0, description="Seconds to wait for the server to become ready.")
+
+    @field_validator("slo_task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in SLO_TABLE:
+            raise ValueError(f"unknown slo_task {v!r}: choose one of {', '.join(SLO_TABLE)}")
+        return v
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        return None if v is None else validate_model_name(v)
+
+
+def _deployable(ctx: StageContext, source: str) -> tuple[str, Path]:
+    """(role, file) of the ONNX model to serve: the one asked for, else the quantize stage's pick, else INT8, else FP32."""
+    if source != "auto":
+        return source, ctx.find(source, " (deploy source)")[1]
+    for record in reversed(ctx.upstream):
+        role = record.meta.get("metrics", {}).get("deployable")
+        if role in ("onnx", "onnx_int8") and record.artifact(role):
+            return role, record.artifact(role)  # type: ignore[return-value]
+    for role in ("onnx_int8", "onnx"):
+        for record in reversed(ctx.upstream):
+            if record.artifact(role):
+                return role, record.artifact(role)  # type: ignore[return-value]
+    raise DeploykitError(f"Stage '{ctx.name}' needs an ONNX model upstream: add an export stage before it.")
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The stage's metrics: checks counted, and the served numbers per concurrency level."""
+    checks = result["checks"]
+    metrics: dict[str, Any] = {
+        "passed": result["passed"],
+        "checks_passed": sum(c["status"] == "pass" for c in checks),
+        "checks_warned": sum(c["status"] == "warn" for c in checks),
+        "checks_failed": [f"{c['group']}: {c['name']}" for c in checks if c["status"] == "fail"],
+    }
+    loadtest = result.get("loadtest")
+    if loadtest:
+        levels = loadtest["levels"]
+        keys = ("users", "p50_ms", "p95_ms", "p99_ms", "throughput_rps", "error_rate", "server")
+        metrics["served"] = [{k: level.get(k) for k in keys} for level in levels]
+        metrics["served_p50_ms"] = levels[0]["p50_ms"]
+        metrics["served_throughput"] = max(level["throughput_rps"] for level in levels)
+        metrics["slo_passed"] = (loadtest.get("verdict") or {}).get("passed")
+    return metrics
+
+
+@register("deploy")
+class DeployStage(Stage):
+    """Package the deployable ONNX model, start a real server, run `validate` against it, and stop it."""
+
+    Config = DeployConfig
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from deploykit.export.parity import real_batches
+        from deploykit.validate import validate_server
+
+        cfg = self.config
+        name = cfg.model_name or validate_model_name(ctx.pipeline.name)
+        role, onnx_path = _deployable(ctx, cfg.source)
+        ctx.reporter.log(f"deploy: serving {onnx_path.parent.name}/{onnx_path.name} as '{name}' on {cfg.engine}")
+        server, artifacts = self._package_and_server(ctx, name, onnx_path)
+        samples = real_batches(ctx.data(), [SAMPLES])[0]
+        slo = custom_slo(cfg.slo_task, **cfg.slo.model_dump())
+        with server:
+            endpoints = server.endpoints
+            result = validate_server(
+                endpoints["http"] if cfg.engine == "triton" else endpoints["inference"],
+                name,
+                out_dir=ctx.out_dir / "validation",
+                engine=cfg.engine,
+                onnx_path=onnx_path,
+                samples=samples,
+                grpc_url=endpoints.get("grpc"),
+                metrics_url=endpoints["metrics"],
+                users=cfg.users,
+                duration_s=cfg.duration_s,
+                spawn_rate=cfg.spawn_rate,
+                protocol=cfg.protocol,
+                slo=slo,
+                size_mb=onnx_path.stat().st_size / 1e6,
+                reporter=ctx.reporter,
+            )
+        metrics = {"engine": cfg.engine, "model": name, "role": role, "artifact": onnx_path.name, **_summary(result)}
+        if cfg.fail_on_breach and not result["passed"]:
+            raise DeploykitError(
+                f"Deployment validation of '{name}' failed ({'; '.join(metrics['checks_failed'])}): "
+                "fix the model or the targets, or set fail_on_breach: false to record the breach and go on."
+            )
+        artifacts["validation"] = "validation/validation.json"
+        if (ctx.out_dir / "validation" / "latency_vs_concurrency.png").is_file():
+            artifacts["served_latency_plot"] = "validation/latency_vs_concurrency.png"
+        return StageResult(artifacts=artifacts, metrics=metrics)
+
+    def _package_and_server(self, ctx: StageContext, name: str, onnx_path: Path) -> tuple[Any, dict[str, str]]:
+        """Write the model repository (or archive) into the stage folder and a server object for it, not started."""
+        cfg = self.config
+        log = ctx.out_dir / "server.log"
+        ports = {"metrics_port": free_port()}
+        if cfg.engine == "torchserve":
+            from deploykit.deploy.torchserve_archive import write_torchserve_archive
+            from deploykit.serve.torchserve import TorchServeServer
+
+            store = ctx.out_dir / "model_store"
+            mar = write_torchserve_archive(
+                onnx_path, store, name, batch_size=cfg.torchserve_batch_size,
+                max_batch_delay_ms=cfg.torchserve_max_batch_delay_ms,
+            )  # fmt: skip
+            server = TorchServeServer(
+                store, host=cfg.host, inference_port=free_port(), management_port=free_port(),
+                log_dir=ctx.out_dir / "torchserve-logs", **ports,
+            )  # fmt: skip
+            return server, {"torchserve_mar": str(mar.relative_to(ctx.out_dir))}
+
+        from deploykit.deploy.triton_repo import write_triton_model
+        from deploykit.serve.triton import TritonServer, find_triton
+
+        install = find_triton()
+        options = cfg.triton
+        if options.flavour == "portable" and options.execution_env is None and install.python_env:
+            options = options.model_copy(update={"execution_env": str(install.python_env)})
+        repo = ctx.out_dir / "model_repo"
+        write_triton_model(repo, name, onnx_path, options, version=1)
+        server = TritonServer(
+            repo, host=cfg.host, http_port=free_port(), grpc_port=free_port(), log_path=log, install=install, **ports
+        )
+        return server, {"triton_config": f"model_repo/{name}/config.pbtxt"}

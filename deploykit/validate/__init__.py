@@ -1,0 +1,129 @@
+"""`deploykit validate`: the production checklist run against a live server, then a load test and the SLO verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploykit.loadtest.slo import SLO
+from deploykit.pipeline.artifacts import atomic_write_json
+from deploykit.pipeline.progress import Reporter, silent
+from deploykit.validate.checks import (
+    FAIL,
+    PASS,
+    Check,
+    bad_input_checks,
+    correctness_checks,
+    health_checks,
+    metrics_check,
+)
+from deploykit.validate.oip import OipClient
+
+PARITY_BATCHES = (1, 4)
+
+
+def _input_shape(client: OipClient, samples: np.ndarray | None, onnx_path: Path | None) -> list[int]:
+    """One sample's shape: from real samples, else the server's metadata, else the ONNX graph."""
+    if samples is not None:
+        return list(samples.shape[1:])
+    if client.engine == "triton":
+        return [int(d) for d in client.metadata()["inputs"][0]["shape"][1:]]
+    import onnx
+
+    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [int(d.dim_value) for d in dims[1:]]
+
+
+def _load_checks(result: dict[str, Any]) -> list[Check]:
+    top = result["levels"][-1]
+    checks = [
+        Check(
+            "load",
+            "error rate",
+            PASS if top["failures"] == 0 else FAIL,
+            f"{top['failures']} of {top['requests']} requests failed at {top['users']} users",
+        )
+    ]
+    verdict = result.get("verdict")
+    if verdict:
+        parts = [
+            f"{name} {c['measured']:.4g} {c['unit']} {c['comparison']} {c['target']:g}"
+            for name, c in verdict["criteria"].items()
+        ]
+        checks.append(Check("load", f"SLO {verdict['task']}", PASS if verdict["passed"] else FAIL, "; ".join(parts)))
+    return checks
+
+
+def validate_server(
+    url: str,
+    model: str,
+    *,
+    out_dir: Path,
+    engine: str = "triton",
+    onnx_path: Path | None = None,
+    samples: np.ndarray | None = None,
+    grpc_url: str | None = None,
+    metrics_url: str | None = None,
+    users: list[int] | int = 1,
+    duration_s: float = 10.0,
+    spawn_rate: float = 10.0,
+    protocol: str = "http",
+    slo: SLO | None = None,
+    size_mb: float | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Run every check, then (when `duration_s` > 0) the load test; writes out_dir/validation.json and returns it."""
+    reporter = reporter or silent()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = OipClient(url, model, engine)
+    checks = health_checks(client)
+    shape = _input_shape(client, samples, onnx_path)
+    if samples is None:
+        samples = np.random.default_rng(0).standard_normal([max(PARITY_BATCHES), *shape]).astype(np.float32)
+    if onnx_path is not None:
+        from deploykit.runtime import ort_session
+
+        batches = [samples[np.arange(n) % len(samples)] for n in PARITY_BATCHES]
+        checks += correctness_checks(client, ort_session(Path(onnx_path), threads=1), batches, grpc_url)
+    checks += bad_input_checks(client, shape)
+    if metrics_url:
+        checks.append(metrics_check(metrics_url, model, engine))
+    for c in checks:
+        reporter.log(f"{c.status:>4}  {c.group}: {c.name} — {c.detail}")
+
+    loadtest = None
+    if duration_s > 0:
+        from deploykit.loadtest.runner import run_loadtest
+
+        samples_file = out_dir / "samples.npy"
+        np.save(samples_file, samples)
+        loadtest = run_loadtest(
+            url,
+            model,
+            users=users,
+            spawn_rate=spawn_rate,
+            duration_s=duration_s,
+            protocol="torchserve" if engine == "torchserve" else protocol,
+            grpc_url=grpc_url,
+            samples=samples_file,
+            input_shape=tuple(shape),
+            metrics_url=metrics_url,
+            out_dir=out_dir,
+            slo=slo,
+            size_mb=size_mb,
+            reporter=reporter,
+        )
+        checks += _load_checks(loadtest)
+    result = {
+        "url": url,
+        "model": model,
+        "engine": engine,
+        "checks": [c.as_dict() for c in checks],
+        "passed": all(c.status != FAIL for c in checks),
+        "loadtest": loadtest,
+    }
+    atomic_write_json(out_dir / "validation.json", result)
+    return result

@@ -1,0 +1,65 @@
+"""A small Open Inference Protocol (KServe v2) JSON client: Triton's /v2 API, and the same body on TorchServe.
+
+deploykit's TorchServe handler speaks the same JSON body at /predictions/<model>, so one client checks both.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from deploykit.errors import DeploykitError
+
+ENGINES = ("triton", "torchserve")
+
+
+def infer_body(x: np.ndarray, input_name: str = "input", datatype: str = "FP32") -> dict[str, Any]:
+    """The JSON request for one batch `x`, as the protocol writes it: shape plus flat row-major data."""
+    return {"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}]}
+
+
+class OipClient:
+    """HTTP JSON inference against one model of a Triton or TorchServe server."""
+
+    def __init__(self, url: str, model: str, engine: str = "triton", timeout: float = 30.0) -> None:
+        if engine not in ENGINES:
+            raise DeploykitError(f"Engine '{engine}' is unknown: use one of {', '.join(ENGINES)}.")
+        self.url, self.model, self.engine, self.timeout = url.rstrip("/"), model, engine, timeout
+        self.infer_url = (
+            f"{self.url}/v2/models/{model}/infer" if engine == "triton" else f"{self.url}/predictions/{model}"
+        )
+
+    def request(self, path_or_url: str, body: bytes | None = None) -> tuple[int, str]:
+        """(status, body text) of a GET (no body) or POST; a dropped connection is status 0 with the reason."""
+        url = path_or_url if path_or_url.startswith("http") else self.url + path_or_url
+        req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return int(r.status), r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read().decode(errors="replace")
+        except OSError as e:
+            return 0, f"{type(e).__name__}: {e}"
+
+    def post_infer(self, body: bytes) -> tuple[int, str]:
+        return self.request(self.infer_url, body)
+
+    def infer(self, x: np.ndarray, input_name: str = "input") -> np.ndarray:
+        """The first output for batch `x`, shaped as the server says."""
+        status, text = self.post_infer(json.dumps(infer_body(x, input_name)).encode())
+        if status != 200:
+            raise DeploykitError(f"Inference on '{self.model}' at {self.infer_url} failed with {status}: {text[:300]}")
+        out = json.loads(text)["outputs"][0]
+        return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+    def metadata(self) -> dict[str, Any]:
+        status, text = self.request(f"/v2/models/{self.model}")
+        if status != 200:
+            raise DeploykitError(f"Model '{self.model}' has no metadata at {self.url} ({status}): is it loaded?")
+        return json.loads(text)

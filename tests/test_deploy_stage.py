@@ -1,0 +1,62 @@
+"""The `deploy` stage: package -> real Triton -> validate -> stop inside `deploykit optimize`, then the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_bench import tiny_pipeline
+
+from deploykit.config import parse_pipeline
+from deploykit.errors import DeploykitError
+from deploykit.pipeline.engine import run_pipeline
+from deploykit.serve.process import http_status
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    stages = [
+        {"stage": "export"},
+        {"stage": "deploy", "users": [1, 2], "duration_s": 3, "slo": {"min_throughput": 5.0}},
+        {"stage": "report"},
+    ]
+    outcomes = run_pipeline(tiny_pipeline(runs, stages))
+    return runs / "tiny", {o.name: o for o in outcomes}
+
+
+def test_deploy_serves_validates_and_stops(deployed):
+    run, outcomes = deployed
+    m = outcomes["deploy"].metrics
+    assert m["passed"] and m["checks_failed"] == [] and m["checks_passed"] >= 12
+    assert [level["users"] for level in m["served"]] == [1, 2]
+    for level in m["served"]:
+        assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"] < 1000
+        assert level["throughput_rps"] > 5 and level["error_rate"] == 0
+        assert level["server"]["requests"] > 0 and level["server"]["avg_batch_size"] >= 1
+    validation = json.loads((run / "deploy" / "validation" / "validation.json").read_text())
+    assert validation["passed"] and validation["loadtest"]["verdict"]["passed"]
+    config = (run / "deploy" / "model_repo" / "tiny" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "EXECUTION_ENV_PATH" in config
+    log = (run / "deploy" / "server.log").read_text()
+    assert "Started HTTPService at 127.0.0.1:" in log
+    port = log.split("Started HTTPService at 127.0.0.1:")[1].split('"')[0]
+    assert http_status(f"http://127.0.0.1:{port}/v2/health/live") is None  # stopped with the stage
+
+
+def test_report_shows_served_numbers_beside_offline(deployed):
+    run, _ = deployed
+    md = (run / "report" / "report.md").read_text()
+    served = md.split("## Served", 1)[1]
+    assert "| Users | P50 ms |" in served and "served as 'tiny' on triton" in served
+    assert "Overall: PASS" in served
+
+
+def test_deploy_needs_an_onnx_model_and_a_safe_name(tmp_path):
+    with pytest.raises(DeploykitError, match="needs an ONNX model upstream"):
+        run_pipeline(tiny_pipeline(tmp_path, [{"stage": "deploy", "duration_s": 0}]))
+    with pytest.raises(DeploykitError, match="not allowed"):
+        parse_pipeline(
+            {"name": "x", "data": {"dataset": "digits"}, "model": {"name": "resnet18"},
+             "stages": [{"stage": "deploy", "model_name": "../etc"}]}  # fmt: skip
+        )
