@@ -28,18 +28,26 @@ app.add_typer(control, name="control")
 def package(
     model_file: Annotated[Path, typer.Argument(help="The model to package: .onnx (or .plan for native Triton).")],
     name: Annotated[str, typer.Option("--name", "-n", help="Model name (a folder name and URL segment).")] = "model",
-    repo: Annotated[Path, typer.Option("--repo", help="Triton model repository to add a version to.")] = Path("model_repo"),
-    flavour: Annotated[str, typer.Option(help="portable (python backend + ONNX Runtime) or native (official image).")] = "portable",
+    repo: Annotated[Path, typer.Option("--repo", help="Triton model repository to add a version to.")] = Path(
+        "model_repo"
+    ),
+    flavour: Annotated[
+        str, typer.Option(help="portable (python backend + ONNX Runtime) or native (official image).")
+    ] = "portable",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch Triton forms (0: no batching).")] = 8,
     dynamic_batching: Annotated[bool, typer.Option(help="Let Triton group concurrent requests into batches.")] = True,
-    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for a batch to fill.")] = 500,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for a batch to fill.")] = 0,
     instances: Annotated[int, typer.Option(help="Model instances (parallel executions).")] = 1,
     gpu: Annotated[bool, typer.Option(help="Run instances on the GPU (KIND_GPU).")] = False,
     version: Annotated[int | None, typer.Option(help="Version number (default: the next free one).")] = None,
     torchserve: Annotated[bool, typer.Option(help="Also write a TorchServe archive (legacy target).")] = False,
     model_store: Annotated[Path, typer.Option(help="Where the TorchServe .mar goes.")] = Path("model_store"),
-    k8s: Annotated[bool, typer.Option("--k8s", help="Also write Kubernetes manifests (k8s.yaml) into the repo's parent.")] = False,
-    image: Annotated[str, typer.Option(help="Container image the Kubernetes Deployment runs (pin a tag).")] = "deploykit-triton:0.1.0",
+    k8s: Annotated[
+        bool, typer.Option("--k8s", help="Also write Kubernetes manifests (k8s.yaml) into the repo's parent.")
+    ] = False,
+    image: Annotated[
+        str, typer.Option(help="Container image the Kubernetes Deployment runs (pin a tag).")
+    ] = "deploykit-triton:0.1.0",
 ) -> None:
     """Add a model version to a Triton model repository (and optionally a TorchServe archive and k8s manifests)."""
     from deploykit.deploy.triton_repo import TritonModelOptions, write_triton_model
@@ -67,7 +75,9 @@ def package(
     if torchserve:
         from deploykit.deploy.torchserve_archive import write_torchserve_archive
 
-        console.print(f"torchserve: {write_torchserve_archive(model_file, model_store, name, batch_size=max(1, max_batch_size))}")
+        console.print(
+            f"torchserve: {write_torchserve_archive(model_file, model_store, name, batch_size=max(1, max_batch_size))}"
+        )
     if k8s:
         from deploykit.deploy.k8s import k8s_manifests, write_k8s
 
@@ -94,12 +104,18 @@ def _wait_for_signal(is_running: Any) -> str:
 @app.command()
 @user_errors
 def serve(
-    model_repo: Annotated[Path, typer.Argument(help="Triton model repository, or TorchServe model store.")] = Path("model_repo"),
+    model_repo: Annotated[Path, typer.Argument(help="Triton model repository, or TorchServe model store.")] = Path(
+        "model_repo"
+    ),
     engine: Engine = "triton",
     host: Host = "127.0.0.1",
     http_port: Annotated[int | None, typer.Option(help="HTTP (inference) port [triton 8000, torchserve 8080].")] = None,
-    grpc_port: Annotated[int | None, typer.Option(help="gRPC port [8001]; TorchServe: its management port [8081].")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port [triton 8002, torchserve 8082].")] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="gRPC port [8001]; TorchServe: its management port [8081].")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus metrics port [triton 8002, torchserve 8082].")
+    ] = None,
     model: Annotated[list[str], typer.Option("--model", "-m", help="Load only these models (repeatable).")] = [],  # noqa: B006
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become ready.")] = 120.0,
 ) -> None:
@@ -111,11 +127,15 @@ def serve(
     if engine == "triton":
         from deploykit.serve.triton import TritonServer
 
-        server: Any = TritonServer(model_repo, host=host, http_port=http, grpc_port=grpc, metrics_port=metrics, models=model or None)
+        server: Any = TritonServer(
+            model_repo, host=host, http_port=http, grpc_port=grpc, metrics_port=metrics, models=model or None
+        )
     else:
         from deploykit.serve.torchserve import TorchServeServer
 
-        server = TorchServeServer(model_repo, host=host, inference_port=http, management_port=grpc, metrics_port=metrics)
+        server = TorchServeServer(
+            model_repo, host=host, inference_port=http, management_port=grpc, metrics_port=metrics
+        )
     server.start(timeout=timeout)
     try:
         table = Table(title=f"{engine} serving {Path(model_repo).resolve()}")
@@ -141,7 +161,9 @@ def _print_model_states(states: list[dict[str, Any]]) -> None:
         table.add_column(col)
     for s in states:
         colour = "green" if s.get("state") == "READY" else "red"
-        table.add_row(s.get("name", ""), s.get("version", ""), f"[{colour}]{s.get('state', '')}[/{colour}]", s.get("reason", ""))
+        table.add_row(
+            s.get("name", ""), s.get("version", ""), f"[{colour}]{s.get('state', '')}[/{colour}]", s.get("reason", "")
+        )
     console.print(table)
 
 
@@ -181,7 +203,9 @@ def control_rollback(
 
 @control.command("unload")
 @user_errors
-def control_unload(name: Annotated[str, typer.Argument(help="Model name.")], url: Url = "http://127.0.0.1:8000") -> None:
+def control_unload(
+    name: Annotated[str, typer.Argument(help="Model name.")], url: Url = "http://127.0.0.1:8000"
+) -> None:
     """Stop serving a model (its files stay in the repository)."""
     from deploykit.serve.triton import ModelControl
 
@@ -195,10 +219,14 @@ def _slo(task: str | None, max_latency_ms: float | None, min_throughput: float |
     return custom_slo(task, max_latency_ms=max_latency_ms, min_throughput=min_throughput) if task else None
 
 
-SloOpt = Annotated[str | None, typer.Option("--slo", help="SLO task from the targets table, e.g. image_classification.")]
+SloOpt = Annotated[
+    str | None, typer.Option("--slo", help="SLO task from the targets table, e.g. image_classification.")
+]
 MaxLatency = Annotated[float | None, typer.Option(help="Override the SLO's P95 latency target (ms).")]
 MinThroughput = Annotated[float | None, typer.Option(help="Override the SLO's throughput target (per second).")]
-Users = Annotated[list[int], typer.Option("--users", "-u", help="Concurrent users; repeat for a sweep (-u 1 -u 4 -u 8).")]
+Users = Annotated[
+    list[int], typer.Option("--users", "-u", help="Concurrent users; repeat for a sweep (-u 1 -u 4 -u 8).")
+]
 Duration = Annotated[float, typer.Option(help="Seconds of load per concurrency level.")]
 Out = Annotated[Path, typer.Option("--out", help="Folder for the JSON results and the plot.")]
 

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
+from test_train_loop import config, separable_bundle, tiny  # the script's folder is on sys.path
 
 from deploykit.train import fit
 from deploykit.train.distributed import init_from_env, shutdown
-from test_train_loop import config, separable_bundle, tiny  # the script's folder is on sys.path
 
 
 def weights_hash(model: torch.nn.Module) -> str:

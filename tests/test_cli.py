@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from typer.testing import CliRunner
 
 from deploykit.cli import app
-
-from conftest import REPO
 
 runner = CliRunner()
 
@@ -45,7 +44,7 @@ def test_quickstart_full_chain_meets_its_targets_and_reruns_from_cache(in_tmp):
     assert result.exit_code == 0, result.output
     run = in_tmp / "runs/quickstart"
     meta = {p.parent.name: json.loads(p.read_text()) for p in run.glob("*/meta.json")}
-    assert set(meta) == {"train", "prune", "distill", "export", "quantize", "benchmark", "report"}
+    assert set(meta) == {"train", "prune", "distill", "export", "quantize", "benchmark", "deploy", "report"}
     assert meta["train"]["metrics"]["val_acc"] >= 0.97
     assert len((run / "train/history.csv").read_text().splitlines()) == 1 + 8
     assert meta["prune"]["metrics"]["macs_ratio"] <= 0.55
@@ -54,12 +53,17 @@ def test_quickstart_full_chain_meets_its_targets_and_reruns_from_cache(in_tmp):
     assert quant["accuracy_drop"] <= 1.0 and quant["size_ratio"] <= 0.3  # issue targets: within 1 point, <= 0.3x
     rows = json.loads((run / "benchmark/benchmark.json").read_text())["results"]
     assert {r["artifact"] for r in rows} >= {"train (torch fp32)", "export (onnx fp32)", "quantize (onnx int8)"}
+    deployed = meta["deploy"]["metrics"]  # served on a real Triton, validated, load-tested, judged
+    assert deployed["passed"] and deployed["slo_passed"] and deployed["role"] == "onnx_int8"
+    assert [level["users"] for level in deployed["served"]] == [1, 4, 8]
+    assert all(level["error_rate"] == 0 and level["throughput_rps"] > 100 for level in deployed["served"])
     report = (run / "report/report.md").read_text()
     assert "## SLO verdict" in report and "quantize (onnx int8)" in report
+    assert "served as 'quickstart' on triton" in report.split("## Served", 1)[1]
 
     start = time.perf_counter()
     result = runner.invoke(app, ["optimize", "-c", "q.yaml", "-q"])
-    assert result.exit_code == 0 and result.stdout.count("cached") == 7
+    assert result.exit_code == 0 and result.stdout.count("cached") == 8
     assert time.perf_counter() - start < 15
 
 

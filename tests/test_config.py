@@ -4,11 +4,10 @@ import json
 import textwrap
 
 import pytest
+from conftest import REPO
 
 from deploykit.config import json_schema, load_pipeline
 from deploykit.errors import DeploykitError
-
-from conftest import REPO
 
 GOOD = """\
 name: t

@@ -57,6 +57,18 @@ def test_deploy_needs_an_onnx_model_and_a_safe_name(tmp_path):
         run_pipeline(tiny_pipeline(tmp_path, [{"stage": "deploy", "duration_s": 0}]))
     with pytest.raises(DeploykitError, match="not allowed"):
         parse_pipeline(
-            {"name": "x", "data": {"dataset": "digits"}, "model": {"name": "resnet18"},
-             "stages": [{"stage": "deploy", "model_name": "../etc"}]}  # fmt: skip
+            {
+                "name": "x",
+                "data": {"dataset": "digits"},
+                "model": {"name": "resnet18"},
+                "stages": [{"stage": "deploy", "model_name": "../etc"}],
+            }  # fmt: skip
         )
+
+
+def test_deploy_on_torchserve_validates_the_same_way(tmp_path):
+    stages = [{"stage": "export"}, {"stage": "deploy", "engine": "torchserve", "duration_s": 0}]
+    m = run_pipeline(tiny_pipeline(tmp_path, stages))[-1].metrics
+    assert m["engine"] == "torchserve" and m["passed"], m["checks_failed"]
+    assert m["checks_passed"] >= 8 and "served" not in m  # no load test asked for
+    assert (tmp_path / "tiny" / "deploy" / "model_store" / "tiny.mar").is_file()

@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import plugin_stages  # noqa: F401  (registers the `append` test stage)
 import pytest
 
-import plugin_stages  # noqa: F401  (registers the `append` test stage)
 from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.engine import _RunLock, run_pipeline

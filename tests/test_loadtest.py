@@ -28,8 +28,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_http_run_has_sub_ms_percentiles_and_a_server_split(triton, tmp_path):
-    r = run_locust(triton.http_url, triton.model, users=2, spawn_rate=2, duration_s=4, warmup_s=1,
-                   metrics_url=triton.metrics_url, workdir=tmp_path)
+    r = run_locust(
+        triton.http_url,
+        triton.model,
+        users=2,
+        spawn_rate=2,
+        duration_s=4,
+        warmup_s=1,
+        metrics_url=triton.metrics_url,
+        workdir=tmp_path,
+    )
     timings = np.load(tmp_path / "timings.npy")
     seen = f"{r} ({len(timings)} requests recorded)"  # the numbers, should a timing bound ever fail
     assert r.users == 2 and r.requests > 50 and r.failures == 0 and r.error_rate == 0.0, seen
@@ -54,16 +62,34 @@ def test_http_run_has_sub_ms_percentiles_and_a_server_split(triton, tmp_path):
 def test_grpc_run_with_real_samples(triton, tmp_path):
     samples = tmp_path / "samples.npy"
     np.save(samples, np.random.default_rng(1).random((5, 3, 8, 8), dtype=np.float32))
-    r = run_locust(triton.http_url, triton.model, users=2, spawn_rate=2, duration_s=3, protocol="grpc",
-                   grpc_url=triton.grpc_url, samples=samples, workdir=tmp_path)
+    r = run_locust(
+        triton.http_url,
+        triton.model,
+        users=2,
+        spawn_rate=2,
+        duration_s=3,
+        protocol="grpc",
+        grpc_url=triton.grpc_url,
+        samples=samples,
+        workdir=tmp_path,
+    )
     assert r.requests > 50 and r.failures == 0
     assert 0 < r.p50_ms <= r.p95_ms <= r.p99_ms
     assert r.server == {}  # no metrics URL given
 
 
 def test_torchserve_run_and_its_server_split(torchserve, tmp_path):
-    r = run_locust(torchserve.http_url, torchserve.model, users=2, spawn_rate=2, duration_s=3, protocol="torchserve",
-                   input_shape=(3, 8, 8), metrics_url=torchserve.metrics_url, workdir=tmp_path)
+    r = run_locust(
+        torchserve.http_url,
+        torchserve.model,
+        users=2,
+        spawn_rate=2,
+        duration_s=3,
+        protocol="torchserve",
+        input_shape=(3, 8, 8),
+        metrics_url=torchserve.metrics_url,
+        workdir=tmp_path,
+    )
     assert r.requests > 20 and r.failures == 0
     assert 0 < r.p50_ms <= r.p95_ms <= r.p99_ms
     assert r.server["requests"] >= r.requests
@@ -95,8 +121,15 @@ def test_mistakes_are_refused_before_locust_starts(triton, torchserve, tmp_path)
 
 def test_loadtest_writes_results_plot_and_a_failing_verdict(triton, tmp_path):
     impossible = custom_slo("image_classification", max_latency_ms=0.001)
-    result = run_loadtest(triton.http_url, triton.model, users=[2, 1], duration_s=3, out_dir=tmp_path,
-                          metrics_url=triton.metrics_url, slo=impossible)
+    result = run_loadtest(
+        triton.http_url,
+        triton.model,
+        users=[2, 1],
+        duration_s=3,
+        out_dir=tmp_path,
+        metrics_url=triton.metrics_url,
+        slo=impossible,
+    )
     saved = json.loads((tmp_path / "loadtest.json").read_text())
     assert saved == json.loads(json.dumps(result, default=str))
     assert set(saved) == {"model", "url", "protocol", "settings", "machine", "levels", "verdict"}

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ConfigDict
+from test_bench import BENCH_FAST, tiny_pipeline  # also registers the stand-in stages
 
+from deploykit.bench.targets import tensorrt_unavailable
 from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.loadtest.slo import SLO, SLO_TABLE, custom_slo, get_slo, verdict
-from deploykit.bench.targets import tensorrt_unavailable
 from deploykit.pipeline.context import StageContext, StageRecord
 from deploykit.pipeline.engine import run_pipeline
 from deploykit.pipeline.registry import Stage, StageResult, register
 from deploykit.report.content import choose_deployable, histories
 from deploykit.stages import report as _report  # noqa: F401  (registers `report`)
-from test_bench import BENCH_FAST, tiny_pipeline  # also registers the stand-in stages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -77,11 +77,15 @@ def versioned(tmp_path_factory):
 
 
 def served(server, x):
-    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    )
     url = f"{server.endpoints['http']}/v2/models/{NAME}/infer"
     with urllib.request.urlopen(urllib.request.Request(url, body.encode()), timeout=30) as r:
         reply = json.loads(r.read())
-    return reply["model_version"], np.asarray(reply["outputs"][0]["data"], np.float32).reshape(reply["outputs"][0]["shape"])
+    return reply["model_version"], np.asarray(reply["outputs"][0]["data"], np.float32).reshape(
+        reply["outputs"][0]["shape"]
+    )
 
 
 def test_a_broken_model_fails_alone_with_its_reason(versioned):
@@ -141,7 +145,9 @@ def test_cli_serve_prints_endpoints_and_stops_on_sigterm_without_orphans(tmp_pat
     try:
         deadline = time.monotonic() + 60
         while http_status(f"http://127.0.0.1:{http}/v2/models/{NAME}/ready") != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.poll() is not None else "timeout"
+            )
             time.sleep(0.2)
         time.sleep(0.5)  # the endpoint table is printed right after readiness
         proc.send_signal(signal.SIGTERM)
@@ -155,3 +161,36 @@ def test_cli_serve_prints_endpoints_and_stops_on_sigterm_without_orphans(tmp_pat
     assert http_status(f"http://127.0.0.1:{http}/v2/health/live") is None
     leftovers = subprocess.run(["pgrep", "-f", f"--http-port={http}"], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""
+
+
+def test_cli_package_writes_a_version_an_archive_and_manifests(in_tmp):
+    from typer.testing import CliRunner
+
+    from deploykit.cli import app
+
+    onnx = export_tiny(in_tmp / "m.onnx")
+    runner = CliRunner()
+    for expected_version in ("1", "2"):
+        result = runner.invoke(app, ["package", str(onnx), "--name", "digits", "--torchserve", "--k8s"])
+        assert result.exit_code == 0, result.output
+        assert (in_tmp / "model_repo" / "digits" / expected_version / "model.onnx").is_file()
+    config = (in_tmp / "model_repo" / "digits" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "EXECUTION_ENV_PATH" in config
+    assert (in_tmp / "model_store" / "digits.mar").is_file()
+    assert "kind: HorizontalPodAutoscaler" in (in_tmp / "k8s.yaml").read_text()
+    bad = runner.invoke(app, ["package", str(onnx), "--name", "../evil"])
+    assert bad.exit_code == 2 and "not allowed" in bad.output
+    assert not (in_tmp / "evil").exists()
+    missing = runner.invoke(app, ["package", "nope.onnx"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_cli_control_status_lists_models(triton):
+    from typer.testing import CliRunner
+
+    from deploykit.cli import app
+
+    result = CliRunner().invoke(app, ["control", "status", "--url", triton.http_url])
+    assert result.exit_code == 0 and "tiny" in result.output and "READY" in result.output
+    down = CliRunner().invoke(app, ["control", "status", "--url", "http://127.0.0.1:1"])
+    assert down.exit_code == 2 and "No server answers" in down.output

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from servers import CLASSES, NAME, SAMPLE, export_tiny
 from ts.context import Context, RequestProcessor
 
 from deploykit.deploy import torchserve_handler
@@ -26,32 +26,6 @@ from deploykit.errors import DeploykitError
 from deploykit.serve import torchserve
 from deploykit.serve.process import free_port, http_status
 from deploykit.serve.torchserve import TorchServeServer
-
-SAMPLE = (3, 8, 8)
-CLASSES = 5
-NAME = "tiny"
-
-
-def _export_tiny(path: Path) -> Path:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4, CLASSES),
-    ).eval()
-    torch.onnx.export(
-        model,
-        (torch.randn(1, *SAMPLE),),
-        path,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-        external_data=False,
-    )
-    return path
 
 
 def _ports() -> dict[str, int]:
@@ -93,7 +67,7 @@ def _inference_requests(metrics_url: str) -> float:
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory) -> Path:
-    return _export_tiny(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    return export_tiny(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")

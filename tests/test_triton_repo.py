@@ -361,3 +361,15 @@ def test_python_model_serves_a_written_repository(onnx_file, tmp_path, monkeypat
         assert response.error is None
         np.testing.assert_allclose(response.outputs["logits"], reference.run(None, {"input": x})[0], rtol=1e-6)
     assert responses[1].error.code == "INVALID_ARG" and "input 'input' is missing" in responses[1].error.message
+
+
+def test_spinning_is_opt_in_and_reaches_the_portable_session_only():
+    assert "allow_spinning" not in render_config("digits", IO, TritonModelOptions(), "python")
+    config = parse(render_config("digits", IO, TritonModelOptions(spin=True, threads=2), "python"))
+    assert config.parameters["allow_spinning"].string_value == "1"
+    native = parse(render_config("digits", IO, TritonModelOptions(flavour="native", spin=True), "onnxruntime_onnx"))
+    assert "allow_spinning" not in native.parameters
+    from deploykit.deploy.triton_python_model import session_options
+
+    assert session_options(2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"

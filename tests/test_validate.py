@@ -79,3 +79,20 @@ def test_unknown_engine_is_one_sentence():
 
     with pytest.raises(DeploykitError, match="Engine 'kserve' is unknown"):
         OipClient("http://127.0.0.1:1", "m", engine="kserve")
+
+
+def test_cli_loadtest_and_validate_exit_nonzero_on_a_breach(triton, tmp_path):
+    from typer.testing import CliRunner
+
+    from deploykit.cli import app
+
+    runner = CliRunner()
+    common = ["--url", triton.http_url, "--model", triton.model, "--duration", "2"]
+    breach = runner.invoke(app, ["loadtest", *common, "--slo", "image_classification", "--max-latency-ms", "0.001",
+                                 "--out", str(tmp_path / "lt")])  # fmt: skip
+    assert breach.exit_code == 1, breach.output
+    assert "FAIL" in breach.output and (tmp_path / "lt" / "loadtest.json").is_file()
+    ok = runner.invoke(app, ["validate", *common, "-u", "1", "--onnx", str(triton.onnx), "--min-throughput", "5",
+                             "--out", str(tmp_path / "v")])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "v" / "validation.json").read_text())["passed"]

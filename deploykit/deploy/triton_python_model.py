@@ -109,13 +109,14 @@ def run_requests(
     return results
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spin: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # cores are shared with Triton's own threads and other instances: idle workers must not spin
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # By default idle workers sleep: the cores are shared with Triton's own threads and other instances.
+    # Spinning wins latency back when the model's threads have cores to themselves.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
@@ -142,7 +143,9 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(
             path,
-            sess_options=session_options(int(threads) if threads else None),
+            sess_options=session_options(
+                int(threads) if threads else None, config_parameter(config, "allow_spinning") == "1"
+            ),
             providers=providers(args.get("model_instance_kind"), args.get("model_instance_device_id")),
         )
 

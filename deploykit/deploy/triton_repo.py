@@ -67,7 +67,9 @@ class TritonModelOptions(BaseModel):
     preferred_batch_sizes: list[int] = Field(
         default_factory=list, description="Batch sizes the dynamic batcher aims for; each <= max_batch_size."
     )
-    max_queue_delay_us: int = Field(500, ge=0, description="Longest a request waits for a batch to fill (us).")
+    # 0 still batches every request that queued while the instance was busy, without making a lone request
+    # wait: measured on the quickstart model, 500 us added 0.6 ms to P50 at one user and no throughput at eight.
+    max_queue_delay_us: int = Field(0, ge=0, description="Longest a request waits for a batch to fill (us).")
     instances: int = Field(1, ge=1, description="Model instances (instance_group count).")
     kind: Literal["cpu", "gpu"] = Field("cpu", description="Where instances run: KIND_CPU or KIND_GPU.")
     versions_served: int | None = Field(
@@ -75,6 +77,9 @@ class TritonModelOptions(BaseModel):
     )
     warmup: bool = Field(True, description="Run zero-filled batches (1 and max) at load time.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; null lets it choose.")
+    spin: bool = Field(
+        False, description="Portable only: ONNX Runtime threads spin while idle (lower latency on dedicated cores)."
+    )
     execution_env: str | None = Field(
         None, description="Portable only: Python environment folder with numpy and onnxruntime for the stub."
     )
@@ -171,6 +176,8 @@ def _parameters(options: TritonModelOptions, platform: str) -> list[str]:
     params: dict[str, str] = {}
     if options.threads and platform != "tensorrt_plan":  # read by the onnxruntime backend and by model.py alike
         params["intra_op_thread_count"] = str(options.threads)
+    if options.spin and platform == "python":
+        params["allow_spinning"] = "1"
     if options.execution_env and platform == "python":
         params["EXECUTION_ENV_PATH"] = options.execution_env
     return [f"parameters {{ key: {_text(k)}, value: {{ string_value: {_text(v)} }} }}" for k, v in params.items()]

@@ -29,6 +29,7 @@ from locust import FastHttpUser, User, events, task
 
 from deploykit.loadtest.runner import PROTOCOLS, TORCHSERVE_INPUT_NAME, check_samples, oip_body, sample_shape
 from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
+from deploykit.validate.oip import binary_infer_body
 
 grpc.experimental.gevent.init_gevent()  # before any channel exists, or gRPC calls block the gevent loop
 
@@ -69,19 +70,28 @@ def load_samples(shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(np.load(path, mmap_mode="r")[:_MAX_BODIES], dtype=np.float32)
 
 
-_bodies: dict[str, list[bytes]] = {}  # encoded once per process (per host), shared by every user
+_bodies: dict[str, list[tuple[bytes, dict[str, str]]]] = {}  # encoded once per process (per host)
 
 
-def http_bodies(host: str) -> list[bytes]:
-    """JSON request bodies for Triton (input from GET /v2/models/<m>) or TorchServe (input from env)."""
+def http_bodies(host: str) -> list[tuple[bytes, dict[str, str]]]:
+    """(body, headers) per sample: Triton's binary tensor extension (input from GET /v2/models/<m>), or
+    JSON for TorchServe (input from env), whose handler reads the JSON form only."""
     if host not in _bodies:
         if PROTOCOL == "torchserve":
-            name, datatype, shape = TORCHSERVE_INPUT_NAME, "FP32", TORCHSERVE_SHAPE
+            json_headers = {"Content-Type": "application/json"}
+            samples = load_samples(TORCHSERVE_SHAPE)
+            _bodies[host] = [(oip_body(TORCHSERVE_INPUT_NAME, "FP32", s), json_headers) for s in samples]
         else:
             with urllib.request.urlopen(f"{host.rstrip('/')}/v2/models/{MODEL}", timeout=10) as r:
                 first = json.load(r)["inputs"][0]
-            name, datatype, shape = first["name"], first["datatype"], sample_shape(first["shape"])
-        _bodies[host] = [oip_body(name, datatype, s) for s in load_samples(shape)]
+            _bodies[host] = []
+            for s in load_samples(sample_shape(first["shape"])):
+                body, header_len = binary_infer_body(s[None], first["name"], first["datatype"])
+                headers = {
+                    "Content-Type": "application/octet-stream",
+                    "Inference-Header-Content-Length": str(header_len),
+                }
+                _bodies[host].append((body, headers))
     return _bodies[host]
 
 
@@ -115,7 +125,7 @@ def _write_timings(**_: Any) -> None:
 
 
 class TritonHttpUser(FastHttpUser):
-    """POST /v2/models/<m>/infer with a JSON body, back to back (no think time: a closed-loop load)."""
+    """POST /v2/models/<m>/infer with binary tensor data, back to back (no think time: a closed-loop load)."""
 
     abstract = PROTOCOL != "http"
     path = f"/v2/models/{MODEL}/infer"
@@ -125,7 +135,8 @@ class TritonHttpUser(FastHttpUser):
 
     @task
     def infer(self) -> None:
-        self.client.post(self.path, data=next(self.bodies), headers={"Content-Type": "application/json"})
+        body, headers = next(self.bodies)
+        self.client.post(self.path, data=body, headers=headers)
 
 
 class TorchServeUser(TritonHttpUser):

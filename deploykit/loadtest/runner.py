@@ -30,6 +30,7 @@ from deploykit.loadtest.slo import PERCENTILES, SLO, verdict
 from deploykit.pipeline.artifacts import atomic_write_json
 from deploykit.pipeline.progress import Reporter, Task, silent
 from deploykit.serve.process import ServerProcess, http_status
+from deploykit.validate.oip import infer_body
 
 PROTOCOLS = ("http", "grpc", "torchserve")
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -60,8 +61,7 @@ class LoadResult:
 
 def oip_body(name: str, datatype: str, sample: np.ndarray) -> bytes:
     """An Open Inference Protocol JSON request holding one sample as a batch of 1."""
-    tensor = {"name": name, "shape": [1, *sample.shape], "datatype": datatype, "data": sample.ravel().tolist()}
-    return json.dumps({"inputs": [tensor]}).encode()
+    return json.dumps(infer_body(sample[None], name, datatype)).encode()
 
 
 def _get_json(url: str) -> Any:
@@ -224,7 +224,9 @@ def run_locust(
         _preflight_triton(url, model, protocol, grpc_url, samples)
 
     scratch = workdir is None  # a temporary folder goes after a good run, and stays after a failure for its log
-    workdir = Path(tempfile.mkdtemp(prefix="deploykit-locust-")) if scratch else Path(workdir)
+    workdir = (
+        Path(tempfile.mkdtemp(prefix="deploykit-locust-")) if scratch else Path(workdir).resolve()
+    )  # locust runs in it
     workdir.mkdir(parents=True, exist_ok=True)
     log, timings_path = workdir / "locust.log", workdir / "timings.npy"
     for old in (log, timings_path):  # never read a previous run's output

@@ -64,7 +64,9 @@ def _wheel_backends(server_root: Path, py_version: str) -> Path:
     """A backends folder for the wheel's binary: the python backend plus the stub built for `py_version`."""
     stub = server_root / "python_backend_stubs" / py_version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise DeploykitError(f"nvidia-pytriton has no python backend stub for Python {py_version}; use Python 3.8-3.13.")
+        raise DeploykitError(
+            f"nvidia-pytriton has no python backend stub for Python {py_version}; use Python 3.8-3.13."
+        )
     backends = server_root.parent.parent / "deploykit-triton-backends"
     python = backends / "python"
     if not (python / stub.name).exists():
@@ -179,9 +181,7 @@ class TritonServer:
 
     def start(self, timeout: float = 120.0) -> TritonServer:
         if not self.repo.is_dir():
-            raise DeploykitError(
-                f"Model repository {self.repo} does not exist: build one with `deploykit package`."
-            )
+            raise DeploykitError(f"Model repository {self.repo} does not exist: build one with `deploykit package`.")
         install = self.install or find_triton()
         self.install = install
         self.log_path.unlink(missing_ok=True)
@@ -240,7 +240,9 @@ class ModelControl:
 
         path = (self.repo or Path("-")) / name / "config.pbtxt"
         if not path.is_file():
-            raise DeploykitError(f"Model '{name}' is not loaded and its config.pbtxt is not at {path}: package it first.")
+            raise DeploykitError(
+                f"Model '{name}' is not loaded and its config.pbtxt is not at {path}: package it first."
+            )
         cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         return json_format.MessageToDict(cfg, preserving_proto_field_name=True)
 

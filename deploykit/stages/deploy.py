@@ -9,24 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from deploykit.deploy.names import validate_model_name
 from deploykit.deploy.triton_repo import TritonModelOptions
 from deploykit.errors import DeploykitError
-from deploykit.loadtest.slo import SLO_TABLE, custom_slo
+from deploykit.loadtest.slo import custom_slo
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, StageResult, register
 from deploykit.serve.process import free_port
-from deploykit.stages.report import SLOOverrides
+from deploykit.stages.report import SLOSettings
 
 SAMPLES = 64  # real validation samples sent by the checks and the load test
 
 
-class DeployConfig(BaseModel):
-    """Where and how to serve, and what the served model must prove."""
+class DeployConfig(SLOSettings):
+    """Where and how to serve, and what the served model must prove (against `slo_task` and `slo`)."""
 
-    model_config = ConfigDict(extra="forbid")
     engine: Literal["triton", "torchserve"] = Field("triton", description="Server to deploy on (TorchServe is legacy).")
     model_name: str | None = Field(None, description="Name on the server (default: the pipeline's name).")
     source: Literal["auto", "onnx", "onnx_int8"] = Field(
@@ -40,17 +39,8 @@ class DeployConfig(BaseModel):
     duration_s: float = Field(10.0, ge=0.0, description="Seconds of load per level (0: skip the load test).")
     spawn_rate: float = Field(10.0, gt=0.0, description="Locust users started per second.")
     protocol: Literal["http", "grpc"] = Field("http", description="Protocol of the load test's users (Triton).")
-    slo_task: str = Field("image_classification", description=f"SLO target table row: one of {', '.join(SLO_TABLE)}.")
-    slo: SLOOverrides = Field(default_factory=SLOOverrides, description="Override some of the task's targets.")
     fail_on_breach: bool = Field(False, description="Fail the run when a check or the SLO fails.")
     start_timeout_s: float = Field(120.0, gt=0.0, description="Seconds to wait for the server to become ready.")
-
-    @field_validator("slo_task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        if v not in SLO_TABLE:
-            raise ValueError(f"unknown slo_task {v!r}: choose one of {', '.join(SLO_TABLE)}")
-        return v
 
     @field_validator("model_name")
     @classmethod
@@ -110,8 +100,11 @@ class DeployStage(Stage):
         server, artifacts = self._package_and_server(ctx, name, onnx_path)
         samples = real_batches(ctx.data(), [SAMPLES])[0]
         slo = custom_slo(cfg.slo_task, **cfg.slo.model_dump())
-        with server:
+        server.start(timeout=cfg.start_timeout_s)
+        try:
             endpoints = server.endpoints
+            if cfg.engine == "triton" and name in (failed := server.control.failed_models()):
+                raise DeploykitError(f"Triton could not load '{name}' ({failed[name]}); see {server.log_path}.")
             result = validate_server(
                 endpoints["http"] if cfg.engine == "triton" else endpoints["inference"],
                 name,
@@ -129,6 +122,8 @@ class DeployStage(Stage):
                 size_mb=onnx_path.stat().st_size / 1e6,
                 reporter=ctx.reporter,
             )
+        finally:
+            server.stop()
         metrics = {"engine": cfg.engine, "model": name, "role": role, "artifact": onnx_path.name, **_summary(result)}
         if cfg.fail_on_breach and not result["passed"]:
             raise DeploykitError(

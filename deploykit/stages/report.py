@@ -24,15 +24,12 @@ class SLOOverrides(BaseModel):
     max_size_mb: float | None = Field(None, gt=0.0, description="Model size target in MB (10^6 bytes).")
 
 
-class ReportConfig(BaseModel):
-    """Report settings: the SLO it judges the deployable artifact against, and at which batch size."""
+class SLOSettings(BaseModel):
+    """Which row of the SLO target table a stage judges against, and the pipeline's own overrides."""
 
     model_config = ConfigDict(extra="forbid")
     slo_task: str = Field("image_classification", description=f"SLO target table row: one of {', '.join(SLO_TABLE)}.")
     slo: SLOOverrides = Field(default_factory=SLOOverrides, description="Override some of the task's targets.")
-    latency_batch: int = Field(1, ge=1, description="Batch size whose latency the table shows and the verdict judges.")
-    latency_percentile: Literal["p50", "p95", "p99"] = Field("p95", description="Latency percentile judged.")
-    title: str | None = Field(None, description="Report title (default: the pipeline's name).")
 
     @field_validator("slo_task")
     @classmethod
@@ -40,6 +37,14 @@ class ReportConfig(BaseModel):
         if v not in SLO_TABLE:
             raise ValueError(f"unknown slo_task {v!r}: choose one of {', '.join(SLO_TABLE)}")
         return v
+
+
+class ReportConfig(SLOSettings):
+    """Report settings: the SLO it judges the deployable artifact against, and at which batch size."""
+
+    latency_batch: int = Field(1, ge=1, description="Batch size whose latency the table shows and the verdict judges.")
+    latency_percentile: Literal["p50", "p95", "p99"] = Field("p95", description="Latency percentile judged.")
+    title: str | None = Field(None, description="Report title (default: the pipeline's name).")
 
 
 @register("report")

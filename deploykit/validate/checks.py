@@ -100,7 +100,9 @@ def correctness_checks(
                 f"batches {[len(b) for b in batches]}: max |served - offline| {parity['max_abs_diff']:.2e} "
                 f"(tolerance {parity['tolerance']:.2e})"
             )
-            checks.append(Check("correctness", f"outputs equal offline ({protocol})", PASS if parity["passed"] else FAIL, detail))
+            checks.append(
+                Check("correctness", f"outputs equal offline ({protocol})", PASS if parity["passed"] else FAIL, detail)
+            )
         except Exception as e:  # a server error is this check's failure, not the end of validation
             checks.append(Check("correctness", f"outputs equal offline ({protocol})", FAIL, str(e)[:300]))
         finally:
@@ -133,7 +135,9 @@ def bad_input_checks(client: OipClient, input_shape: list[int]) -> list[Check]:
             checks.append(Check("bad input", name, PASS, f"HTTP {status}: {text[:160]}"))
         elif status >= 500 and unparseable and text.strip():
             checks.append(
-                Check("bad input", name, WARN, f"refused with HTTP {status}, not 4xx (the server's parser): {text[:120]}")
+                Check(
+                    "bad input", name, WARN, f"refused with HTTP {status}, not 4xx (the server's parser): {text[:120]}"
+                )
             )
         else:
             checks.append(Check("bad input", name, FAIL, f"HTTP {status}, expected 4xx with a message: {text[:160]}"))

@@ -1,0 +1,208 @@
+"""Serving benchmarks on real servers, written into BENCHMARKS.md (its "Serving" section).
+
+    python bench/serve_benchmarks.py [--duration 10] [--repeats 3]
+
+What it measures, each a median over `repeats` rounds with the servers' runs interleaved inside a round
+(these machines are shared: a neighbour's burst then hits every variant alike):
+  1. the quickstart INT8 model at one user: served P50 (HTTP) against in-process ONNX Runtime P50, batch 1;
+  2. the same model at 8 users, Triton with dynamic batching against Triton without it (throughput ratio);
+  3. the same model and load, Triton (through deploykit) against TorchServe: throughput and P99;
+  4. ResNet-18 INT8 at 224x224 served at 1 and 2 users against the image-classification SLO.
+The models come from the quickstart and resnet18-latency pipelines (run up to `quantize`, cached).
+Load generator and servers share this machine's cores, as they would on a one-box deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploykit.bench.measure import measure
+from deploykit.config import load_pipeline
+from deploykit.deploy.torchserve_archive import write_torchserve_archive
+from deploykit.deploy.triton_repo import TritonModelOptions, write_triton_model
+from deploykit.export.parity import real_batches
+from deploykit.loadtest.runner import run_locust
+from deploykit.loadtest.slo import get_slo, verdict
+from deploykit.pipeline.artifacts import atomic_write_json, atomic_write_text
+from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.machine import machine_info
+from deploykit.pipeline.progress import Reporter
+from deploykit.runtime import ort_session
+from deploykit.serve.process import free_port
+from deploykit.serve.torchserve import TorchServeServer
+from deploykit.serve.triton import TritonServer, find_triton
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- serving:start -->", "<!-- serving:end -->"
+
+
+def int8_model(pipeline: str, runs_dir: Path) -> tuple[Path, np.ndarray]:
+    """The pipeline's INT8 ONNX (running it up to quantize, cached) and 32 real validation samples."""
+    cfg = load_pipeline(REPO / pipeline).model_copy(update={"runs_dir": runs_dir})
+    with Reporter() as reporter:
+        run_pipeline(cfg, until="quantize", reporter=reporter)
+    from deploykit.data import build_datasets
+
+    samples = real_batches(build_datasets(cfg.data), [32])[0]
+    return runs_dir / cfg.name / "quantize" / "model.int8.onnx", samples
+
+
+def build_repo(root: Path, qs: Path, r18: Path) -> Path:
+    env = str(find_triton().python_env)
+    repo = root / "model_repo"
+    variants = {
+        "qs_batched": (qs, TritonModelOptions(execution_env=env, threads=1)),
+        "qs_unbatched": (qs, TritonModelOptions(execution_env=env, threads=1, dynamic_batching=False)),
+        "r18": (r18, TritonModelOptions(execution_env=env, threads=2, max_batch_size=4)),
+    }
+    for name, (model, options) in variants.items():
+        write_triton_model(repo, name, model, options, version=1)
+    return repo
+
+
+def load(url: str, model: str, users: int, duration: float, samples: Path, work: Path, **kw: Any) -> dict[str, Any]:
+    result = run_locust(url, model, users=users, spawn_rate=users, duration_s=duration, samples=samples,
+                        workdir=work / f"{model}-{kw.get('protocol', 'http')}-{users}", **kw)  # fmt: skip
+    return result.__dict__
+
+
+def median_of(rounds: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in rounds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="Seconds of load per measurement.")
+    parser.add_argument("--repeats", type=int, default=3, help="Rounds; results are medians over them.")
+    parser.add_argument("--runs-dir", default=str(REPO / "bench" / "runs"), help="Where runs and repos go.")
+    parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="Markdown file to update.")
+    args = parser.parse_args()
+
+    runs_dir = Path(args.runs_dir)
+    work = runs_dir / "serving"
+    work.mkdir(parents=True, exist_ok=True)
+    qs, qs_samples = int8_model("pipelines/quickstart.yaml", runs_dir)
+    r18, r18_samples = int8_model("pipelines/resnet18-latency.yaml", runs_dir)
+    np.save(work / "qs_samples.npy", qs_samples)
+    np.save(work / "r18_samples.npy", r18_samples)
+    for old in ("repo", "store"):  # fresh repositories: each run benchmarks exactly these settings
+        shutil.rmtree(work / old, ignore_errors=True)
+    repo = build_repo(work / "repo", qs, r18)
+    store = work / "store"
+    write_torchserve_archive(qs, store, "qs", batch_size=8, max_batch_delay_ms=5, threads=1)
+    machine_before = machine_info()
+
+    offline = ort_session(qs, threads=1)
+    d, qs_npy, r18_npy = args.duration, work / "qs_samples.npy", work / "r18_samples.npy"
+    rounds: list[dict[str, Any]] = [{} for _ in range(args.repeats)]
+    triton = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_path=work / "triton.log")  # fmt: skip
+    with triton:
+        t_url, t_metrics = triton.endpoints["http"], triton.endpoints["metrics"]
+        for i, row in enumerate(rounds):  # Triton alone: an idle JVM beside it would only add noise
+            print(f"triton round {i + 1}/{args.repeats}")
+            row.update(
+                offline_p50_ms=measure(offline, qs_samples[:1], window_s=1.0).p50_ms,
+                one_user=load(t_url, "qs_batched", 1, d, qs_npy, work, metrics_url=t_metrics),
+                batched_8=load(t_url, "qs_batched", 8, d, qs_npy, work, metrics_url=t_metrics),
+                unbatched_8=load(t_url, "qs_unbatched", 8, d, qs_npy, work, metrics_url=t_metrics),
+                r18_1=load(t_url, "r18", 1, d, r18_npy, work, metrics_url=t_metrics),
+                r18_2=load(t_url, "r18", 2, d, r18_npy, work, metrics_url=t_metrics),
+            )
+        torchserve = TorchServeServer(store, inference_port=free_port(), management_port=free_port(),
+                                      metrics_port=free_port(), log_dir=work / "torchserve-logs")  # fmt: skip
+        with torchserve:  # both servers up, runs interleaved: the same machine state for each
+            ts_url, ts_metrics = torchserve.endpoints["inference"], torchserve.endpoints["metrics"]
+            for i, row in enumerate(rounds):
+                print(f"triton vs torchserve round {i + 1}/{args.repeats}")
+                row.update(
+                    triton_8=load(t_url, "qs_batched", 8, d, qs_npy, work, metrics_url=t_metrics),
+                    torchserve_8=load(ts_url, "qs", 8, d, qs_npy, work, protocol="torchserve",
+                                      input_shape=qs_samples.shape[1:], metrics_url=ts_metrics),
+                )  # fmt: skip
+    report = summarize(rounds, r18.stat().st_size / 1e6)
+    report.update(machine_before=machine_before, machine_after=machine_info(), settings=vars(args), rounds=rounds)
+    atomic_write_json(work / "serving.json", report)
+    write_section(Path(args.out), markdown(report))
+    print(f"wrote {args.out} and {work / 'serving.json'}")
+
+
+def summarize(rounds: list[dict[str, Any]], r18_mb: float) -> dict[str, Any]:
+    def med(key: str, field: str) -> float:
+        return median_of([r[key] for r in rounds], field)
+
+    offline = float(statistics.median(r["offline_p50_ms"] for r in rounds))
+    slo = get_slo("image_classification")
+    r18 = {n: {f: med(f"r18_{n}", f) for f in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps")} for n in (1, 2)}
+    return {
+        "one_user": {"offline_p50_ms": offline, "served_p50_ms": med("one_user", "p50_ms"),
+                     "gap_ms": med("one_user", "p50_ms") - offline},
+        "batching": {"with_rps": med("batched_8", "throughput_rps"), "without_rps": med("unbatched_8", "throughput_rps"),
+                     "ratio": med("batched_8", "throughput_rps") / med("unbatched_8", "throughput_rps")},
+        "triton_vs_torchserve": {
+            "triton": {"rps": med("triton_8", "throughput_rps"), "p99_ms": med("triton_8", "p99_ms")},
+            "torchserve": {"rps": med("torchserve_8", "throughput_rps"), "p99_ms": med("torchserve_8", "p99_ms")},
+        },
+        "resnet18": {**{str(n): v for n, v in r18.items()}, "size_mb": r18_mb,
+                     "verdict": {str(n): verdict(slo, v["p95_ms"], v["throughput_rps"], r18_mb) for n, v in r18.items()}},
+    }  # fmt: skip
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m, s = r["machine_before"], r["settings"]
+    one, b, tv, r18 = r["one_user"], r["batching"], r["triton_vs_torchserve"], r["resnet18"]
+    lines = [
+        START,
+        "## Serving (real Triton 2.51 and TorchServe 0.12, locust on the same machine)",
+        "",
+        f"Latest `python bench/serve_benchmarks.py`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. {m['cpu']}, "
+        f"{m['cores']} cores shared by servers and load generator; load average {m.get('load_avg')} before, "
+        f"{r['machine_after'].get('load_avg')} after. Medians of {s['repeats']} interleaved rounds of "
+        f"{s['duration']:g} s per measurement; percentiles from every request's raw time (sub-ms), HTTP unless said.",
+        "",
+        "| target | measured | result |",
+        "|---|---|---|",
+        f"| quickstart INT8, 1 user: served P50 within 1 ms of in-process ORT | served {one['served_p50_ms']:.3f} ms, "
+        f"offline {one['offline_p50_ms']:.3f} ms, gap {one['gap_ms']:.3f} ms | {met(one['gap_ms'] <= 1.0)} |",
+        f"| 8 users: dynamic batching throughput >= 1.5x without | {b['with_rps']:.0f} vs {b['without_rps']:.0f} req/s "
+        f"= {b['ratio']:.2f}x | {met(b['ratio'] >= 1.5)} |",
+        f"| Triton vs TorchServe, same model, 8 users | Triton {tv['triton']['rps']:.0f} req/s, P99 "
+        f"{tv['triton']['p99_ms']:.2f} ms; TorchServe {tv['torchserve']['rps']:.0f} req/s, P99 "
+        f"{tv['torchserve']['p99_ms']:.2f} ms | {tv['triton']['rps'] / tv['torchserve']['rps']:.2f}x throughput |",
+    ]
+    for n in ("1", "2"):
+        v = r18[n]
+        ok = (
+            r18["verdict"][n]["criteria"]["latency"]["passed"] and r18["verdict"][n]["criteria"]["throughput"]["passed"]
+        )
+        lines.append(
+            f"| ResNet-18 INT8 224x224, {n} user(s): P95 < 10 ms and > 100 inf/s | P50 {v['p50_ms']:.2f} ms, "
+            f"P95 {v['p95_ms']:.2f} ms, P99 {v['p99_ms']:.2f} ms, {v['throughput_rps']:.0f} inf/s | {met(ok)} |"
+        )
+    return "\n".join([*lines, "", END, ""])
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the serving section of `path` (or append it), leaving the offline sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        text = before + section + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)
+
+
+if __name__ == "__main__":
+    main()
