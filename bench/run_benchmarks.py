@@ -19,6 +19,7 @@ from deploykit.config import load_pipeline
 from deploykit.pipeline.artifacts import atomic_write_text
 from deploykit.pipeline.engine import run_pipeline
 from deploykit.pipeline.progress import Reporter
+from serve_benchmarks import END, START  # the serving section, which serve_benchmarks.py owns
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["pipelines/resnet18-latency.yaml", "pipelines/resnet50-latency.yaml", "pipelines/quickstart.yaml"]
@@ -104,7 +105,10 @@ def main() -> None:
         "measurement windows (perf_analyzer's method).",
         "",
     ]
-    atomic_write_text(args.out, "\n".join(header + sections))
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    serving = old[old.index(START) : old.index(END) + len(END)] if START in old and END in old else ""
+    atomic_write_text(out, "\n".join(header + sections) + (f"\n{serving}\n" if serving else ""))  # keep served numbers
     print(f"wrote {args.out}")
 
 

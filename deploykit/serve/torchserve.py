@@ -79,7 +79,9 @@ class TorchServeServer:
         log_dir.mkdir(parents=True, exist_ok=True)
         # A private temp dir: the launcher keeps its pid file there and refuses to start when another TorchServe
         # on the machine wrote one; the workers' sockets (.ts.sock.9000, ...) and the unpacked .mar files live there.
-        self._tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=log_dir))
+        # It sits in the system temp folder, not the log folder: a socket path longer than 107 bytes cannot be bound,
+        # and the workers then never come up.
+        self._tmp = Path(tempfile.mkdtemp(prefix="deploykit-ts-"))
         env = dict(os.environ)
         env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
         env.update(
