@@ -202,7 +202,9 @@ def test_a_locust_past_its_time_limit_is_stopped(triton, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_EXIT_MARGIN_S", -2.0)  # a 3 s run allowed 1 s: as if locust hung
     with pytest.raises(DeploykitError, match="still running 1 s after a 3 s test and was stopped"):
         run_locust(triton.http_url, triton.model, users=1, spawn_rate=1, duration_s=3, workdir=tmp_path)
-    assert "Got SIGTERM signal" in (tmp_path / "locust.log").read_text()
+    # stopped with its whole process group (how far locust got before that depends on the machine's load)
+    left = subprocess.run(["pgrep", "-f", str(runner.LOCUSTFILE)], capture_output=True, text=True).stdout
+    assert left.strip() == ""
 
 
 # ---- Prometheus text ------------------------------------------------------------------------------------

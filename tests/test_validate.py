@@ -57,7 +57,7 @@ def test_a_wrong_reference_model_and_an_impossible_slo_fail(triton, tmp_path):
     other = export_tiny(tmp_path / "other.onnx", seed=5)  # not the model being served
     slo = custom_slo("image_classification", max_latency_ms=0.001)
     result = validate_server(
-        triton.http_url, triton.model, out_dir=tmp_path, onnx_path=other, users=1, duration_s=2, slo=slo,
+        triton.http_url, triton.model, out_dir=tmp_path, onnx_path=other, users=1, duration_s=4, slo=slo,
         size_mb=0.01,
     )  # fmt: skip
     checks = by_name(result)
@@ -87,7 +87,7 @@ def test_cli_loadtest_and_validate_exit_nonzero_on_a_breach(triton, tmp_path):
     from deploykit.cli import app
 
     runner = CliRunner()
-    common = ["--url", triton.http_url, "--model", triton.model, "--duration", "2"]
+    common = ["--url", triton.http_url, "--model", triton.model, "--duration", "4"]
     breach = runner.invoke(app, ["loadtest", *common, "--slo", "image_classification", "--max-latency-ms", "0.001",
                                  "--out", str(tmp_path / "lt")])  # fmt: skip
     assert breach.exit_code == 1, breach.output
