@@ -65,6 +65,11 @@ def _run(config: Path, force: list[str], until: str | None, quiet: bool) -> None
         outcomes = run_pipeline(cfg, force=force, until=until, reporter=reporter)
     if os.environ.get("RANK", "0") == "0":
         console.print(_summary(outcomes))
+        for o in outcomes:  # stages that judge (deploy): their verdict in one line
+            if isinstance(o.metrics.get("passed"), bool):
+                failed = "; ".join(o.metrics.get("checks_failed") or [])
+                verdict = "[green]PASS[/green]" if o.metrics["passed"] else f"[red]FAIL[/red] ({failed})"
+                console.print(f"{o.name}: {verdict}")
         console.print(f"outputs: {Path(cfg.runs_dir) / cfg.name}")
 
 

@@ -56,6 +56,11 @@ def _load_checks(result: dict[str, Any]) -> list[Check]:
     return checks
 
 
+def _log(reporter: Reporter, checks: list[Check]) -> None:
+    for c in checks:
+        reporter.log(f"{c.status:>4}  {c.group}: {c.name} — {c.detail}")
+
+
 def validate_server(
     url: str,
     model: str,
@@ -91,8 +96,7 @@ def validate_server(
     checks += bad_input_checks(client, shape)
     if metrics_url:
         checks.append(metrics_check(metrics_url, model, engine))
-    for c in checks:
-        reporter.log(f"{c.status:>4}  {c.group}: {c.name} — {c.detail}")
+    _log(reporter, checks)
 
     loadtest = None
     if duration_s > 0:
@@ -116,7 +120,9 @@ def validate_server(
             size_mb=size_mb,
             reporter=reporter,
         )
-        checks += _load_checks(loadtest)
+        load_checks = _load_checks(loadtest)
+        _log(reporter, load_checks)
+        checks += load_checks
     result = {
         "url": url,
         "model": model,
