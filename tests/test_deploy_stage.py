@@ -18,7 +18,7 @@ def deployed(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     stages = [
         {"stage": "export"},
-        {"stage": "deploy", "users": [1, 2], "duration_s": 3, "slo": {"min_throughput": 5.0}},
+        {"stage": "deploy", "users": [1, 2], "duration_s": 4, "slo": {"max_latency_ms": 100.0, "min_throughput": 5.0}},
         {"stage": "report"},
     ]
     outcomes = run_pipeline(tiny_pipeline(runs, stages))
