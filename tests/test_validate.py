@@ -11,7 +11,7 @@ from servers import SAMPLE
 from deploykit.loadtest.slo import custom_slo
 from deploykit.validate import validate_server
 from deploykit.validate.checks import bad_input_checks, health_checks
-from deploykit.validate.oip import OipClient
+from deploykit.serve.oip import OipClient
 
 
 def by_name(result):

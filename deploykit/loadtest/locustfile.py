@@ -15,10 +15,8 @@ Locust's own percentiles are rounded to whole milliseconds; the raw timings writ
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.request
 from itertools import cycle
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +27,7 @@ from locust import FastHttpUser, User, events, task
 
 from deploykit.loadtest.runner import PROTOCOLS, TORCHSERVE_INPUT_NAME, check_samples, oip_body, sample_shape
 from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
-from deploykit.validate.oip import binary_infer_body
+from deploykit.serve.oip import OipClient, binary_infer_body
 
 grpc.experimental.gevent.init_gevent()  # before any channel exists, or gRPC calls block the gevent loop
 
@@ -82,8 +80,7 @@ def http_bodies(host: str) -> list[tuple[bytes, dict[str, str]]]:
             samples = load_samples(TORCHSERVE_SHAPE)
             _bodies[host] = [(oip_body(TORCHSERVE_INPUT_NAME, "FP32", s), json_headers) for s in samples]
         else:
-            with urllib.request.urlopen(f"{host.rstrip('/')}/v2/models/{MODEL}", timeout=10) as r:
-                first = json.load(r)["inputs"][0]
+            first = OipClient(host, MODEL).metadata()["inputs"][0]
             _bodies[host] = []
             for s in load_samples(sample_shape(first["shape"])):
                 body, header_len = binary_infer_body(s[None], first["name"], first["datatype"])

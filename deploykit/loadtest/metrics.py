@@ -58,19 +58,19 @@ def scrape(metrics_url: str, timeout: float = 5.0) -> dict[str, float]:
     return parse(text)
 
 
-def _total(values: dict[str, float], name: str, match: dict[str, str]) -> float:
+def total(values: dict[str, float], name: str, match: dict[str, str]) -> float:
     """Sum of `name` over all series whose labels include `match` (e.g. every version of one model)."""
-    total = 0.0
+    found = 0.0
     for key, value in values.items():
         base, _, labels = key.partition("{")
         bounded = "," + labels.removesuffix("}") + ","  # commas around every label, so model="a" never matches "ab"
         if base == name and all(f',{k}="{v}",' in bounded for k, v in match.items()):
-            total += value
-    return total
+            found += value
+    return found
 
 
 def _delta(before: dict[str, float], after: dict[str, float], name: str, match: dict[str, str]) -> float:
-    return _total(after, name, match) - _total(before, name, match)
+    return total(after, name, match) - total(before, name, match)
 
 
 def triton_split(before: dict[str, float], after: dict[str, float], model: str) -> dict[str, float]:

@@ -29,8 +29,9 @@ from deploykit.loadtest import metrics
 from deploykit.loadtest.slo import PERCENTILES, SLO, verdict
 from deploykit.pipeline.artifacts import atomic_write_json
 from deploykit.pipeline.progress import Reporter, Task, silent
+from deploykit.serve.oip import OipClient, infer_body
 from deploykit.serve.process import ServerProcess, http_status
-from deploykit.validate.oip import infer_body
+from deploykit.serve.triton import ModelControl
 
 PROTOCOLS = ("http", "grpc", "torchserve")
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -64,11 +65,6 @@ def oip_body(name: str, datatype: str, sample: np.ndarray) -> bytes:
     return json.dumps(infer_body(sample[None], name, datatype)).encode()
 
 
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.load(r)
-
-
 def sample_shape(dims: list[int]) -> tuple[int, ...]:
     """Per-sample shape from Triton metadata dims; deploykit's repositories batch, so dims[0] is the batch (-1)."""
     return tuple(int(d) for d in dims[1:])
@@ -98,7 +94,7 @@ def _preflight_triton(url: str, model: str, protocol: str, grpc_url: str, sample
         said = "nothing answered" if status is None else f"it answered {status}"
         raise DeploykitError(f"Triton at {url} is not ready ({said} at /v2/health/ready): start it or fix the URL.")
     if http_status(f"{url}/v2/models/{model}/ready") != 200:
-        names = [m.get("name") for m in _repository_index(url)]
+        names = [m.get("name") for m in ModelControl(url).model_states()]
         raise DeploykitError(
             f"Model '{model}' is not ready on Triton at {url}: use one of {names} or check the server's log."
         )
@@ -112,16 +108,7 @@ def _preflight_triton(url: str, model: str, protocol: str, grpc_url: str, sample
             raise DeploykitError(
                 f"Triton's gRPC endpoint {grpc_url} does not answer: pass the right grpc_url."
             ) from None
-    check_samples(samples, sample_shape(_get_json(f"{url}/v2/models/{model}")["inputs"][0]["shape"]), model)
-
-
-def _repository_index(url: str) -> list[dict[str, Any]]:
-    request = urllib.request.Request(f"{url}/v2/repository/index", data=b"{}", method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as r:
-            return json.load(r)
-    except OSError:
-        return []
+    check_samples(samples, sample_shape(OipClient(url, model).metadata()["inputs"][0]["shape"]), model)
 
 
 def _preflight_torchserve(url: str, model: str, input_shape: tuple[int, ...] | None, samples: Path | None) -> None:

@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.loadtest.runner import sample_shape
 from deploykit.loadtest.slo import SLO
 from deploykit.pipeline.artifacts import atomic_write_json
 from deploykit.pipeline.progress import Reporter, silent
+from deploykit.serve.oip import OipClient
 from deploykit.validate.checks import (
     FAIL,
     PASS,
@@ -19,7 +21,6 @@ from deploykit.validate.checks import (
     health_checks,
     metrics_check,
 )
-from deploykit.validate.oip import OipClient
 
 PARITY_BATCHES = (1, 4)
 
@@ -29,11 +30,10 @@ def _input_shape(client: OipClient, samples: np.ndarray | None, onnx_path: Path 
     if samples is not None:
         return list(samples.shape[1:])
     if client.engine == "triton":
-        return [int(d) for d in client.metadata()["inputs"][0]["shape"][1:]]
-    import onnx
+        return list(sample_shape(client.metadata()["inputs"][0]["shape"]))
+    from deploykit.deploy.triton_repo import model_io
 
-    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return [int(d.dim_value) for d in dims[1:]]
+    return model_io(Path(onnx_path)).inputs[0].dims
 
 
 def _load_checks(result: dict[str, Any]) -> list[Check]:

@@ -8,7 +8,6 @@ it cannot parse).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from deploykit.export.parity import check_parity
 from deploykit.runtime import Session
-from deploykit.validate.oip import OipClient, infer_body
+from deploykit.serve.oip import OipClient, infer_body
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 
@@ -151,16 +150,19 @@ def bad_input_checks(client: OipClient, input_shape: list[int]) -> list[Check]:
 
 def metrics_check(metrics_url: str, model: str, engine: str) -> Check:
     """The Prometheus endpoint answers and counts this model's successful requests."""
-    from deploykit.loadtest.metrics import scrape
+    from deploykit.loadtest.metrics import scrape, total
 
     try:
         values = scrape(metrics_url)
     except Exception as e:
         return Check("metrics", "prometheus metrics", FAIL, f"{metrics_url}: {str(e)[:200]}")
-    if engine == "triton":
-        prefix, label = "nv_inference_request_success", f'model="{model}"'
-    else:
-        prefix, label = "ts_inference_requests", f'model_name="{model}"'
-    count = sum(v for k, v in values.items() if k.startswith(prefix) and label in k and math.isfinite(v))
+    # counters are keyed without `_total` (deploykit.loadtest.metrics.parse)
+    name, match = (
+        ("nv_inference_request_success", {"model": model})
+        if engine == "triton"
+        else ("ts_inference_requests", {"model_name": model})
+    )
+    count = total(values, name, match)
     status = PASS if count > 0 else FAIL
-    return Check("metrics", "prometheus metrics", status, f"{prefix}{{{label}}} = {count:g} at {metrics_url}")
+    label = ",".join(f'{k}="{v}"' for k, v in match.items())
+    return Check("metrics", "prometheus metrics", status, f"{name}{{{label}}} = {count:g} at {metrics_url}")
