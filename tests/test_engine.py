@@ -126,3 +126,16 @@ def test_sigkill_mid_stage_leaves_no_half_artifact_and_resumes(counter, in_tmp):
     assert statuses(outcomes) == {"a": "cached", "b": "ran", "c": "ran"}
     assert (run_dir / "c/out.txt").read_text() == "ABC"
     assert not list(run_dir.glob(".tmp-*"))
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open_and_leave_no_temp_file(tmp_path):
+    from deploykit.pipeline.artifacts import atomic_path, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "c.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]

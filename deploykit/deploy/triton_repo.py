@@ -359,11 +359,9 @@ def write_triton_model(
             atomic_copy(data, staging / data.name)
         if platform == "python":
             atomic_copy(PYTHON_MODEL, staging / "model.py")
-        for path in [staging, *staging.iterdir()]:  # temp files are owner-only; the server may be another user
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        staging.chmod(0o755)  # mkdtemp's folder is owner-only; the server may run as another user
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     atomic_write_text(model_dir / "config.pbtxt", config)
-    (model_dir / "config.pbtxt").chmod(0o644)
     return target
