@@ -74,6 +74,10 @@ class OipClient:
 
     def metadata(self) -> dict[str, Any]:
         status, text = self.request(f"/v2/models/{self.model}")
+        if status == 0:
+            raise DeploykitError(
+                f"No server answers at {self.url} ({text}): start one with `deploykit serve` or fix the URL."
+            )
         if status != 200:
             raise DeploykitError(f"Model '{self.model}' has no metadata at {self.url} ({status}): is it loaded?")
         return json.loads(text)

@@ -9,7 +9,7 @@ import numpy as np
 
 from deploykit.loadtest.runner import sample_shape
 from deploykit.loadtest.slo import SLO
-from deploykit.pipeline.artifacts import atomic_write_json
+from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
 from deploykit.pipeline.progress import Reporter, silent
 from deploykit.serve.oip import OipClient
 from deploykit.validate.checks import (
@@ -82,7 +82,6 @@ def validate_server(
     """Run every check, then (when `duration_s` > 0) the load test; writes out_dir/validation.json and returns it."""
     reporter = reporter or silent()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     client = OipClient(url, model, engine)
     checks = health_checks(client)
     shape = _input_shape(client, samples, onnx_path)
@@ -102,8 +101,10 @@ def validate_server(
     if duration_s > 0:
         from deploykit.loadtest.runner import run_loadtest
 
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once the server has answered: no empty folder otherwise
         samples_file = out_dir / "samples.npy"
-        np.save(samples_file, samples)
+        with atomic_path(samples_file) as tmp, open(tmp, "wb") as f:
+            np.save(f, samples)
         loadtest = run_loadtest(
             url,
             model,
