@@ -15,11 +15,12 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from deploykit.config import load_pipeline
-from deploykit.pipeline.artifacts import atomic_write_text
-from deploykit.pipeline.engine import run_pipeline
-from deploykit.pipeline.progress import Reporter
 from serve_benchmarks import END, START  # the serving section, which serve_benchmarks.py owns
+
+from deploykit.files import atomic_write_text
+from deploykit.pipeline.loader import load_pipeline
+from deploykit.pipeline.engine import run_pipeline
+from deploykit.progress import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["pipelines/resnet18-latency.yaml", "pipelines/resnet50-latency.yaml", "pipelines/quickstart.yaml"]

@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 
 from deploykit.bench.measure import measure
-from deploykit.config import load_pipeline
-from deploykit.deploy.torchserve_archive import write_torchserve_archive
-from deploykit.deploy.triton_repo import TritonModelOptions, write_triton_model
 from deploykit.export.parity import real_batches
+from deploykit.files import atomic_write_json, atomic_write_text
 from deploykit.loadtest.runner import run_locust
 from deploykit.loadtest.slo import get_slo, verdict
-from deploykit.pipeline.artifacts import atomic_write_json, atomic_write_text
+from deploykit.machine import machine_info
+from deploykit.package.torchserve_archive import write_torchserve_archive
+from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
+from deploykit.pipeline.loader import load_pipeline
 from deploykit.pipeline.engine import run_pipeline
-from deploykit.pipeline.machine import machine_info
-from deploykit.pipeline.progress import Reporter
+from deploykit.progress import Reporter
 from deploykit.runtime import ort_session
 from deploykit.serve.process import free_port
 from deploykit.serve.torchserve import TorchServeServer

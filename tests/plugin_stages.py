@@ -7,8 +7,9 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deploykit.artifacts import StageResult
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.pipeline.registry import Stage, register
 
 
 class AppendConfig(BaseModel):
@@ -25,7 +26,7 @@ class AppendStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         before = ""
         if any(r.artifact("text") for r in ctx.upstream):
-            before = ctx.find("text")[1].read_text()
+            before = ctx.find("text").path.read_text()
         out = ctx.out_dir / "out.txt"
         with open(out, "w") as f:
             f.write(before)

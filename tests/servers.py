@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from deploykit.deploy.torchserve_archive import write_torchserve_archive
-from deploykit.deploy.triton_repo import TritonModelOptions, write_triton_model
+from deploykit.package.torchserve_archive import write_torchserve_archive
+from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
 from deploykit.serve.process import free_port
 from deploykit.serve.torchserve import TorchServeServer
 from deploykit.serve.triton import TritonServer, find_triton

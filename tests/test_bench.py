@@ -14,14 +14,13 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from deploykit.artifacts import Pick, StageResult
 from deploykit.bench.measure import current_rss_mb, measure, peak_rss_mb, percentile
-from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.engine import run_pipeline
-from deploykit.pipeline.registry import Stage, StageResult, register
-from deploykit.stages import benchmark as _benchmark  # noqa: F401  (registers `benchmark`)
-from deploykit.stages import train as _train  # noqa: F401
+from deploykit.pipeline.loader import parse_pipeline
+from deploykit.pipeline.registry import Stage, register
 
 # The package re-exports the function `measure`, which shadows the submodule's attribute name.
 measure_mod = importlib.import_module("deploykit.bench.measure")
@@ -35,7 +34,7 @@ class _NoConfig(BaseModel):
 
 class _QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    deployable: str = Field("onnx", description="What the stand-in's guard decided.")
+    int8_wins: bool = Field(False, description="What the stand-in's guard decided: INT8, or the FP32 ONNX it came from.")
 
 
 @register("stub_export")
@@ -47,8 +46,8 @@ class StubExport(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.train import load_model
 
-        _, checkpoint = ctx.find("checkpoint")
-        model, _ = load_model(checkpoint.parent)
+        source = ctx.find("checkpoint")
+        model, _ = load_model(source.path.parent)
         bundle = ctx.data()
         x = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
         with warnings.catch_warnings():
@@ -57,7 +56,7 @@ class StubExport(Stage):
                 model, (x,), str(ctx.out_dir / "model.onnx"), dynamo=False, input_names=["x"], output_names=["logits"],
                 dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
             )
-        return StageResult(artifacts={"onnx": "model.onnx"})
+        return StageResult(artifacts={"onnx": "model.onnx"}, models={"onnx": ctx.stats(source)})
 
 
 @register("stub_quantize")
@@ -67,10 +66,14 @@ class StubQuantize(Stage):
     Config = _QuantizeConfig
 
     def run(self, ctx: StageContext) -> StageResult:
-        shutil.copy(ctx.find("onnx")[1], ctx.out_dir / "model.int8.onnx")
+        fp32 = ctx.find("onnx")
+        shutil.copy(fp32.path, ctx.out_dir / "model.int8.onnx")
+        pick = Pick(ctx.name, "onnx_int8", "fast") if self.config.int8_wins else Pick(fp32.stage, "onnx", "too slow")
         return StageResult(
             artifacts={"onnx_int8": "model.int8.onnx"},
-            metrics={"deployable": self.config.deployable, "speedup": 0.91, "accuracy_drop": 0.004, "excluded": ["fc"]},
+            metrics={"speedup": 0.91, "accuracy_drop": 0.004, "excluded": ["fc"]},
+            models={"onnx_int8": ctx.stats(fp32)},
+            deployable=pick,
         )
 
 
@@ -201,7 +204,7 @@ def test_onnx_size_counts_external_weights(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from deploykit.bench.targets import onnx_size_bytes
+    from deploykit.export.torch2onnx import onnx_size_bytes
 
     weight = numpy_helper.from_array(np.ones((256, 256), np.float32), "w")
     graph = helper.make_graph(

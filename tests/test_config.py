@@ -6,8 +6,8 @@ import textwrap
 import pytest
 from conftest import REPO
 
-from deploykit.config import json_schema, load_pipeline
 from deploykit.errors import DeploykitError
+from deploykit.pipeline.loader import json_schema, load_pipeline
 
 GOOD = """\
 name: t

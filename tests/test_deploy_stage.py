@@ -7,9 +7,9 @@ import json
 import pytest
 from test_bench import tiny_pipeline
 
-from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.loader import parse_pipeline
 from deploykit.serve.process import http_status
 
 

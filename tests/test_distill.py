@@ -14,13 +14,12 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-import deploykit.stages.distill  # noqa: F401  (registers the stage)
 from deploykit.compress.distill import DistillationLoss, WithTeacherLogits, kd_loss, teacher_logits
-from deploykit.config import parse_pipeline
 from deploykit.data import build_datasets, make_loader
 from deploykit.data.config import AugmentConfig, DataConfig
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.loader import parse_pipeline
 from deploykit.stages.distill import DistillConfig, augmented
 from deploykit.train import fit, load_model
 from deploykit.train.config import TrainConfig

@@ -11,9 +11,9 @@ from pathlib import Path
 import plugin_stages  # noqa: F401  (registers the `append` test stage)
 import pytest
 
-from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.engine import _RunLock, run_pipeline
+from deploykit.pipeline.loader import parse_pipeline
 
 TESTS = Path(__file__).parent
 
@@ -129,7 +129,7 @@ def test_sigkill_mid_stage_leaves_no_half_artifact_and_resumes(counter, in_tmp):
 
 
 def test_atomic_writes_get_the_mode_of_a_plain_open_and_leave_no_temp_file(tmp_path):
-    from deploykit.pipeline.artifacts import atomic_path, atomic_write_text
+    from deploykit.files import atomic_path, atomic_write_text
 
     atomic_write_text(tmp_path / "a.txt", "x")
     (tmp_path / "b.txt").write_text("x")

@@ -12,12 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-import deploykit.stages.export  # noqa: F401  (registers the stages until deploykit.stages imports them)
-import deploykit.stages.tensorrt  # noqa: F401
-from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.export import build_engine, check_parity, export_onnx
 from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.loader import parse_pipeline
 from deploykit.runtime import Session, ort_session, torch_session
 from deploykit.zoo import get_model
 

@@ -9,8 +9,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploykit.deploy.k8s import k8s_manifests, k8s_name, write_k8s
 from deploykit.errors import DeploykitError
+from deploykit.package.k8s import k8s_manifests, k8s_name, write_k8s
 
 K8S_VERSION = "1.30.0"  # a release still widely run; the schemas ship inside kubernetes-validate
 DNS_1123 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")

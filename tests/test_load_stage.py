@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.loader import parse_pipeline
 from deploykit.train import load_model
 from deploykit.zoo import get_model
 

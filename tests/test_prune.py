@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-import deploykit.stages.prune  # noqa: F401  (registers the stage)
 from deploykit.compress.prune import (
     Budget,
     head_layers,
@@ -24,11 +23,11 @@ from deploykit.compress.prune import (
     taylor_gradients,
     weight_sparsity,
 )
-from deploykit.config import parse_pipeline
 from deploykit.data import build_datasets, make_loader
 from deploykit.data.config import DataConfig
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.loader import parse_pipeline
 from deploykit.train import fit, load_model, save_model
 from deploykit.train.config import TrainConfig
 from deploykit.train.loop import evaluate

@@ -14,15 +14,15 @@ from onnx import numpy_helper
 from pydantic import ValidationError
 from torch import nn
 
-import deploykit.stages.export  # noqa: F401  (registers `export` until deploykit.stages imports it)
+from deploykit.artifacts import StageRecord
 from deploykit.compress import quantize as q
-from deploykit.config import parse_pipeline
 from deploykit.data import build_datasets
 from deploykit.errors import DeploykitError
 from deploykit.export import export_onnx
-from deploykit.pipeline.context import StageContext, StageRecord
+from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.engine import run_pipeline
-from deploykit.pipeline.progress import silent
+from deploykit.pipeline.loader import parse_pipeline
+from deploykit.progress import silent
 from deploykit.runtime import ort_session
 from deploykit.stages.quantize import QuantizeConfig, QuantizeStage
 
@@ -67,6 +67,7 @@ def run_stage(run, tmp_path, upstream, **settings):
     result = QuantizeStage(QuantizeConfig(**{**FAST, **settings})).run(ctx)
     assert result.artifacts == {"onnx_int8": "model.int8.onnx", "quant_report": "quantize.json"}
     assert json.loads((out / "quantize.json").read_text())["deployable"] == result.metrics["deployable"]
+    assert f"{result.deployable.stage}/{result.deployable.role}" == result.metrics["deployable"]
     return result.metrics, out / "model.int8.onnx"
 
 
@@ -117,7 +118,8 @@ def test_ptq_pipeline_writes_a_u8s8_per_channel_qdq_model(run):
     latency = metrics["latency"]
     assert latency["fp32_p50_ms"] > 0 and latency["int8_p50_ms"] > 0 and metrics["speedup"] > 0
     assert len(latency["rounds"]["fp32"]) == 1 and len(latency["rounds"]["int8"][0]["load_avg"]) == 3
-    assert metrics["deployable"] == ("onnx_int8" if metrics["speedup"] >= 1.05 else "onnx")
+    assert metrics["deployable"] == ("quantize/onnx_int8" if metrics["speedup"] >= 1.05 else "export/onnx")
+    assert run.records["quantize"].meta["deployable"]["stage"] == metrics["deployable"].split("/")[0]
     assert set(run.records["quantize"].meta["artifacts"]) == {"onnx_int8", "quant_report"}
 
 
@@ -189,7 +191,7 @@ def test_qat_after_one_short_epoch_gives_a_qdq_onnx_model(run, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(path) and metrics["qat"]["epochs_run"] == 1
     # Fine-tuning moves the weights, so agreement with the original float model is lower than for PTQ.
     assert metrics["parity"]["top1_agreement"] >= 0.9
-    assert metrics["deployable"] in ("onnx_int8", "checkpoint")  # no upstream ONNX: FP32 is the checkpoint
+    assert metrics["deployable"] in ("quantize/onnx_int8", "train/checkpoint")  # no upstream ONNX: FP32 is the checkpoint
 
 
 # ---- accuracy-aware fallback -----------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def test_impossible_goal_still_saves_the_best_candidate(run, tmp_path, hostile):
     assert [a["excluded"] for a in attempts][:3] == [0, 1, 2] and len(attempts) >= 4
     assert metrics["int8_accuracy"] == max(a["accuracy"] for a in attempts) and path.is_file()
     assert metrics["excluded_nodes"]  # the best candidate keeps the stem (at least) in FP32
-    assert metrics["deployable"] == "onnx" and "max_accuracy_drop" in metrics["deployable_reason"]
+    assert metrics["deployable"] == "export/onnx" and "max_accuracy_drop" in metrics["deployable_reason"]
 
 
 class FakeClock:
@@ -316,5 +318,5 @@ def test_compare_latency_alternates_and_takes_median_p50s(monkeypatch):
 
 def test_slow_int8_makes_fp32_the_deployable_model(run, tmp_path):
     metrics, _ = run_stage(run, tmp_path, [run.records["export"]], calibration_samples=32, min_speedup=1000.0)
-    assert metrics["deployable"] == "onnx" and "is only" in metrics["latency_note"]
+    assert metrics["deployable"] == "export/onnx" and "is only" in metrics["latency_note"]
     assert metrics["deployable_reason"] == metrics["latency_note"]

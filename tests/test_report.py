@@ -9,15 +9,15 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 from test_bench import BENCH_FAST, tiny_pipeline  # also registers the stand-in stages
 
+from deploykit.artifacts import StageRecord, StageResult
 from deploykit.bench.targets import tensorrt_unavailable
-from deploykit.config import parse_pipeline
 from deploykit.errors import DeploykitError
 from deploykit.loadtest.slo import SLO, SLO_TABLE, custom_slo, get_slo, verdict
-from deploykit.pipeline.context import StageContext, StageRecord
+from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.engine import run_pipeline
-from deploykit.pipeline.registry import Stage, StageResult, register
-from deploykit.report.content import choose_deployable, histories
-from deploykit.stages import report as _report  # noqa: F401  (registers `report`)
+from deploykit.pipeline.loader import parse_pipeline
+from deploykit.pipeline.registry import Stage, register
+from deploykit.report.content import histories
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -107,7 +107,7 @@ def full_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     stages = [
         {"stage": "stub_export"},
-        {"stage": "stub_quantize", "deployable": "onnx"},
+        {"stage": "stub_quantize"},  # its guard keeps the FP32 ONNX
         {"stage": "stub_tensorrt"},
         {"stage": "benchmark", **BENCH_FAST, "isolate": False},
         {"stage": "report", "slo": {"max_size_mb": 0.5}},
@@ -127,11 +127,12 @@ def test_report_markdown_has_one_row_per_artifact_and_the_verdict(full_run):
     ]
     assert "| stub_tensorrt (tensorrt fp16) | tensorrt fp16 |" in md and "| skipped |" in md
     assert "## SLO verdict" in md
-    assert "Deployable artifact: stub_export (onnx fp32), chosen by the stub_quantize stage" in md
+    assert "Deployable artifact: stub_export (onnx fp32), picked by the stub_quantize stage: too slow" in md
     assert "| size |" in md and "FAIL" in md and "Overall: FAIL." in md  # 0.5 MB override: the ~1 MB model fails size
     assert "P95 at batch 1" in md
     assert "Finding: " in md and "### train" in md  # the training diagnostics
-    assert "TensorRT is not installed" in md and "kept the FP32 model (onnx) as the deployable one, not INT8" in md
+    assert "TensorRT is not installed" in md
+    assert "The stub_quantize stage kept stub_export/onnx as the deployable model, not its own: too slow." in md
     assert "![Training and validation loss" in md and "(curves.png)" in md
 
 
@@ -213,24 +214,6 @@ def test_report_without_benchmark_or_history_still_reports(tmp_path):
 
 def _record(name: str, type_: str, metrics: dict) -> StageRecord:
     return StageRecord(name, type_, Path(name), {"metrics": metrics, "artifacts": {}})
-
-
-def _row(stage: str, role: str, fmt: str, p50: float | None, accuracy: float | None) -> dict:
-    return {"stage": stage, "role": role, "format": fmt, "p50_ms": p50, "accuracy": accuracy, "artifact": stage}
-
-
-def test_deployable_falls_back_to_fastest_onnx_then_best_torch():
-    upstream = [_record(n, n, {}) for n in ("train", "distill", "export", "export2")]
-    rows = [
-        _row("train", "checkpoint", "torch", 20.0, 0.90),
-        _row("distill", "checkpoint", "torch", 9.0, 0.93),
-        _row("export", "onnx", "onnx", 5.0, 0.93),
-        _row("export2", "onnx", "onnx", 4.0, 0.93),
-    ]
-    assert choose_deployable(rows, upstream)[0]["stage"] == "export2"
-    assert choose_deployable(rows[:2], upstream)[0]["stage"] == "distill"
-    quantized = [*upstream, _record("quantize", "quantize", {"deployable": "onnx"})]
-    assert choose_deployable(rows, quantized) == (rows[3], "chosen by the quantize stage (deployable: onnx)")
 
 
 def test_histories_include_nested_training_steps():

@@ -17,8 +17,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from servers import NAME, SAMPLE, export_tiny, portable_options, ports, start_triton
 
-from deploykit.deploy.triton_repo import write_triton_model
 from deploykit.errors import DeploykitError
+from deploykit.package.triton_repo import write_triton_model
 from deploykit.serve import triton as triton_mod
 from deploykit.serve.process import http_status
 

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import CLASSES, NAME, SAMPLE, export_tiny
 from ts.context import Context, RequestProcessor
 
-from deploykit.deploy import torchserve_handler
-from deploykit.deploy.torchserve_archive import write_config_properties, write_torchserve_archive
 from deploykit.errors import DeploykitError
+from deploykit.package import torchserve_handler
+from deploykit.package.torchserve_archive import write_config_properties, write_torchserve_archive
 from deploykit.serve import torchserve
 from deploykit.serve.process import free_port, http_status
 from deploykit.serve.torchserve import TorchServeServer

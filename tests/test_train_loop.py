@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 from deploykit.data import DataBundle, build_datasets, make_loader
 from deploykit.data.config import DataConfig
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.progress import Reporter
+from deploykit.progress import Reporter
 from deploykit.train import FitResult, fit, load_model, save_model
 from deploykit.train.config import TrainConfig, TransferConfig
 from deploykit.train.diagnostics import TrainingDiverged, classify_curves

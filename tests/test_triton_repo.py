@@ -13,8 +13,9 @@ from onnx import helper, numpy_helper
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
-from deploykit.deploy import triton_python_model as tpm
-from deploykit.deploy.triton_repo import (
+from deploykit.errors import DeploykitError
+from deploykit.package import triton_python_model as tpm
+from deploykit.package.triton_repo import (
     ModelIO,
     TensorSpec,
     TritonModelOptions,
@@ -23,7 +24,6 @@ from deploykit.deploy.triton_repo import (
     render_config,
     write_triton_model,
 )
-from deploykit.errors import DeploykitError
 
 KIND = model_config_pb2.ModelInstanceGroup
 
@@ -369,7 +369,7 @@ def test_spinning_is_opt_in_and_reaches_the_portable_session_only():
     assert config.parameters["allow_spinning"].string_value == "1"
     native = parse(render_config("digits", IO, TritonModelOptions(flavour="native", spin=True), "onnxruntime_onnx"))
     assert "allow_spinning" not in native.parameters
-    from deploykit.deploy.triton_python_model import session_options
+    from deploykit.package.triton_python_model import session_options
 
     assert session_options(2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"

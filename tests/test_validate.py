@@ -9,9 +9,9 @@ import pytest
 from servers import SAMPLE
 
 from deploykit.loadtest.slo import custom_slo
+from deploykit.serve.oip import OipClient
 from deploykit.validate import validate_server
 from deploykit.validate.checks import bad_input_checks, health_checks
-from deploykit.serve.oip import OipClient
 
 
 def by_name(result):

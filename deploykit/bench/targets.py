@@ -6,17 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploykit.artifacts import StageRecord, model_kind
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.context import StageRecord
-
-# Artifact role -> (format, precision). Other TensorRT engines are read as trt_<precision>.
-ROLES: dict[str, tuple[str, str]] = {
-    "checkpoint": ("torch", "fp32"),
-    "onnx": ("onnx", "fp32"),
-    "onnx_int8": ("onnx", "int8"),
-    "trt_fp16": ("tensorrt", "fp16"),
-    "trt_int8": ("tensorrt", "int8"),
-}
 
 
 @dataclass
@@ -31,7 +22,7 @@ class Target:
     size_bytes: int
     params: int | None
     macs: int | None
-    source: str | None = None  # key of the torch model this artifact was converted from (the newest one before it)
+    sha256: str
 
     @property
     def label(self) -> str:
@@ -52,66 +43,22 @@ class Target:
             "size_bytes": self.size_bytes,
             "params": self.params,
             "macs": self.macs,
-            "source": self.source,
+            "sha256": self.sha256,
         }
 
 
-def _kind(role: str) -> tuple[str, str] | None:
-    if role in ROLES:
-        return ROLES[role]
-    precision = role.removeprefix("trt_")
-    if role.startswith("trt_") and precision.isalnum():  # not trt_fp16_meta, trt_int8_calibration (side files)
-        return "tensorrt", precision
-    return None
-
-
-def onnx_size_bytes(path: Path) -> int:
-    """The .onnx file plus every external-data file its tensors point to (weights may live beside it)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    files = {
-        entry.value
-        for tensor in model.graph.initializer
-        if uses_external_data(tensor)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
-
-
-def _counts(metrics: dict[str, Any]) -> tuple[int | None, int | None]:
-    """Params and MACs a stage recorded for its model: train's `params`, prune's `params_after`, distill's student."""
-
-    def first(name: str) -> int | None:
-        keys = (name, f"{name}_after", f"student_{name}")
-        return next((metrics[k] for k in keys if metrics.get(k) is not None), None)
-
-    return first("params"), first("macs")
-
-
 def discover(upstream: list[StageRecord], include: list[str] | None = None) -> list[Target]:
-    """Every model artifact upstream, in pipeline order; `include` limits the roles."""
+    """Every model artifact upstream, in pipeline order, with the stats its stage published; `include` limits the roles."""
     targets: list[Target] = []
-    last_torch: StageRecord | None = None  # the model a later export/quantize/TensorRT stage converted
     for record in upstream:
         for role, entry in record.meta.get("artifacts", {}).items():
-            kind = _kind(role)
+            kind = model_kind(role)
             if kind is None or (include is not None and role not in include):
                 continue
-            params, macs = _counts(record.meta.get("metrics", {}))
-            if kind[0] == "torch":
-                targets.append(Target(record.name, role, *kind, record.directory, entry["bytes"], params, macs))
-                continue
-            file = record.directory / entry["path"]
-            size = onnx_size_bytes(file) if kind[0] == "onnx" else entry["bytes"]
-            source = last_torch.name + "/checkpoint" if last_torch else None
-            if params is None and last_torch is not None:  # conversion keeps the parameters and the MACs
-                params, macs = _counts(last_torch.meta.get("metrics", {}))
-            targets.append(Target(record.name, role, *kind, file, size, params, macs, source))
-        if record.artifact("checkpoint") is not None:
-            last_torch = record
+            stats = record.stats(role)
+            path = record.directory if kind[0] == "torch" else record.directory / entry["path"]
+            size = stats.bytes or entry["bytes"]
+            targets.append(Target(record.name, role, *kind, path, size, stats.params, stats.macs, entry["sha256"]))
     return targets
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from deploykit.bench.measure import current_rss_mb, measure, peak_rss_mb
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_json
+from deploykit.files import atomic_write_json
 
 # A job is plain JSON so it crosses the process boundary unchanged:
 #   path, batch_sizes, input_shape ([C, H, W]), threads, measure (keyword arguments of measure()),

@@ -34,7 +34,7 @@ from torch.fx import GraphModule
 
 if TYPE_CHECKING:
     from deploykit.data import DataBundle
-    from deploykit.pipeline.progress import Reporter
+    from deploykit.progress import Reporter
     from deploykit.runtime import Session
     from deploykit.train.config import TrainConfig
     from deploykit.train.loop import FitResult

@@ -40,6 +40,11 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One sample's shape, channels first."""
+        return (self.in_channels, self.image_size, self.image_size)
+
 
 class _Split(Dataset):
     """One split of a dataset: normalised float32 images with int labels, optionally augmented."""

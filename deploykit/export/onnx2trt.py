@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
+from deploykit.files import atomic_write_bytes, atomic_write_json, sha256_file
 from deploykit.runtime import engine_metadata_path, onnx_precision, require_tensorrt
 
 PRECISIONS = ("fp32", "fp16", "int8")

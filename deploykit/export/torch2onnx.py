@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_text
+from deploykit.files import atomic_write_text
 
 _log = logging.getLogger(__name__)
 
@@ -154,3 +154,19 @@ def write_reproduce_script(
     )
     atomic_write_text(script, text)
     return script
+
+
+def onnx_size_bytes(path: Path) -> int:
+    """The .onnx file plus every external-data file its tensors point to (weights may live beside it)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {
+        entry.value
+        for tensor in model.graph.initializer
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())

@@ -25,9 +25,16 @@ import grpc.experimental.gevent
 import numpy as np
 from locust import FastHttpUser, User, events, task
 
-from deploykit.loadtest.runner import PROTOCOLS, TORCHSERVE_INPUT_NAME, check_samples, oip_body, sample_shape
-from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
-from deploykit.serve.oip import OipClient, binary_infer_body
+from deploykit.files import atomic_path, atomic_write_json
+from deploykit.serve.oip import (
+    PROTOCOLS,
+    TORCHSERVE_INPUT_NAME,
+    OipClient,
+    binary_infer_body,
+    check_samples,
+    oip_body,
+    sample_shape,
+)
 
 grpc.experimental.gevent.init_gevent()  # before any channel exists, or gRPC calls block the gevent loop
 

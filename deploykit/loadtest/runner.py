@@ -7,7 +7,6 @@ first `warmup_s` seconds (connections opening, the server's first batches) are l
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -25,17 +24,15 @@ import numpy as np
 from rich.table import Table
 
 from deploykit.errors import DeploykitError
+from deploykit.files import atomic_write_json
 from deploykit.loadtest import metrics
 from deploykit.loadtest.slo import PERCENTILES, SLO, verdict
-from deploykit.pipeline.artifacts import atomic_write_json
-from deploykit.pipeline.progress import Reporter, Task, silent
-from deploykit.serve.oip import OipClient, infer_body
+from deploykit.progress import Reporter, Task, silent
+from deploykit.serve.oip import PROTOCOLS, TORCHSERVE_INPUT_NAME, OipClient, check_samples, oip_body, sample_shape
 from deploykit.serve.process import ServerProcess, http_status
 from deploykit.serve.triton import ModelControl
 
-PROTOCOLS = ("http", "grpc", "torchserve")
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-TORCHSERVE_INPUT_NAME = "input"  # TorchServe has no metadata to ask: the input name deploykit's handler reads
 _EXIT_MARGIN_S = 30.0  # locust's start-up (~1-2 s on a busy machine), --stop-timeout 5, writing the timings
 
 
@@ -58,33 +55,6 @@ class LoadResult:
     throughput_rps: float
     error_rate: float
     server: dict[str, float] = field(default_factory=dict)
-
-
-def oip_body(name: str, datatype: str, sample: np.ndarray) -> bytes:
-    """An Open Inference Protocol JSON request holding one sample as a batch of 1."""
-    return json.dumps(infer_body(sample[None], name, datatype)).encode()
-
-
-def sample_shape(dims: list[int]) -> tuple[int, ...]:
-    """Per-sample shape from Triton metadata dims; deploykit's repositories batch, so dims[0] is the batch (-1)."""
-    return tuple(int(d) for d in dims[1:])
-
-
-def check_samples(samples: str | Path | None, shape: tuple[int, ...], model: str) -> None:
-    """Refuse a samples file that is not an (N, *shape) array."""
-    if samples is None:
-        return
-    try:
-        found = tuple(np.load(samples, mmap_mode="r").shape)
-    except (OSError, ValueError) as e:
-        raise DeploykitError(
-            f"Samples file {samples} is not a readable .npy ({e}): pass an (N, C, H, W) array."
-        ) from None
-    if found[1:] != shape:
-        raise DeploykitError(
-            f"Samples in {samples} have shape {found[1:]} per sample but model '{model}' takes {shape}: "
-            "pass samples of the model's input shape."
-        )
 
 
 def _preflight_triton(url: str, model: str, protocol: str, grpc_url: str, samples: Path | None) -> None:
@@ -329,7 +299,7 @@ def run_loadtest(
         )
         results.append(result)
 
-    from deploykit.pipeline.machine import machine_info  # imports torch: only once the runs are done
+    from deploykit.machine import machine_info  # imports torch: only once the runs are done
 
     top = results[-1]
     judged = None

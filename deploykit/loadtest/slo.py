@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from deploykit.errors import DeploykitError
 
 PERCENTILES = ("p50", "p95", "p99")
@@ -97,3 +99,34 @@ def verdict(
         "criteria": criteria,
         "passed": all(c["passed"] for c in criteria.values()),
     }
+
+
+# ---- pipeline settings: which row a stage judges against -------------------------------------------------
+
+
+class SLOOverrides(BaseModel):
+    """A pipeline's own targets; unset ones keep the task's values from the SLO table."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_latency_ms: float | None = Field(None, gt=0.0, description="Latency target in ms (on latency_percentile).")
+    min_throughput: float | None = Field(None, gt=0.0, description="Throughput target in samples per second.")
+    max_size_mb: float | None = Field(None, gt=0.0, description="Model size target in MB (10^6 bytes).")
+
+
+class SLOSettings(BaseModel):
+    """Which row of the SLO target table a stage judges against, and the pipeline's own overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+    slo_task: str = Field("image_classification", description=f"SLO target table row: one of {', '.join(SLO_TABLE)}.")
+    slo: SLOOverrides = Field(default_factory=SLOOverrides, description="Override some of the task's targets.")
+
+    @field_validator("slo_task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in SLO_TABLE:
+            raise ValueError(f"unknown slo_task {v!r}: choose one of {', '.join(SLO_TABLE)}")
+        return v
+
+    def target(self) -> SLO:
+        """The task's row of the table with this pipeline's overrides."""
+        return custom_slo(self.slo_task, **self.slo.model_dump())

@@ -6,26 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.errors import DeploykitError
-from deploykit.pipeline.progress import Reporter
+from deploykit.artifacts import ArtifactRef, ModelStats, StageRecord, require
+from deploykit.progress import Reporter
 
 if TYPE_CHECKING:
-    from deploykit.config import PipelineBase
     from deploykit.data import DataBundle
-
-
-@dataclass
-class StageRecord:
-    """A finished stage as later stages see it: its folder and its meta.json content."""
-
-    name: str
-    type: str
-    directory: Path
-    meta: dict[str, Any]
-
-    def artifact(self, role: str) -> Path | None:
-        entry = self.meta.get("artifacts", {}).get(role)
-        return self.directory / entry["path"] if entry else None
+    from deploykit.pipeline.config import PipelineBase
 
 
 @dataclass
@@ -38,15 +24,13 @@ class StageContext:
     reporter: Reporter
     _data: dict[str, Any] = field(default_factory=dict)  # shared across the stages of one run
 
-    def find(self, role: str, required_by: str = "") -> tuple[StageRecord, Path]:
-        """The newest earlier artifact of a role (e.g. 'checkpoint', 'onnx')."""
-        for record in reversed(self.upstream):
-            path = record.artifact(role)
-            if path is not None:
-                return record, path
-        raise DeploykitError(
-            f"Stage '{self.name}' needs a '{role}' artifact from an earlier stage{required_by}: add such a stage before it."
-        )
+    def find(self, role: str, required_by: str = "") -> ArtifactRef:
+        """The newest earlier artifact of a role (e.g. 'checkpoint', 'onnx'); fails with what to add if none."""
+        return require(self.upstream, role, self.name, required_by)
+
+    def stats(self, ref: ArtifactRef) -> ModelStats:
+        """The standard stats the stage that wrote `ref` published for it."""
+        return next(r for r in self.upstream if r.name == ref.stage).stats(ref.role)
 
     def data(self) -> DataBundle:
         """The pipeline's dataset, built once per run."""

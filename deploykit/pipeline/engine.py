@@ -19,15 +19,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from deploykit.config import PipelineBase
+from deploykit.artifacts import StageRecord, StageResult
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_json, sha256_file, sha256_json
-from deploykit.pipeline.context import StageContext, StageRecord
-from deploykit.pipeline.machine import machine_info, versions
-from deploykit.pipeline.progress import Reporter, silent
-from deploykit.pipeline.registry import StageResult, stage_types
+from deploykit.files import atomic_write_json, sha256_file, sha256_json
+from deploykit.machine import machine_info, versions
+from deploykit.pipeline.config import PipelineBase
+from deploykit.pipeline.context import StageContext
+from deploykit.pipeline.registry import stage_types
+from deploykit.progress import Reporter, silent
 
-META_FORMAT = 1  # bump when meta.json or key contents change meaning, to invalidate old caches
+META_FORMAT = 2  # bump when meta.json or key contents change meaning, to invalidate old caches
 
 
 @dataclass
@@ -71,8 +72,16 @@ def _describe_artifacts(out_dir: Path, result: StageResult, stage: str) -> dict[
         path = out_dir / rel
         if not path.is_file():
             raise DeploykitError(f"Stage '{stage}' reported artifact '{rel}' ({role}) but did not write it; this is a bug in the stage.")
-        described[role] = {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        described[str(role)] = {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
     return described
+
+
+def _output_hash(artifacts: dict[str, dict[str, Any]], result: StageResult) -> str:
+    """What later stages' cache keys depend on: the files, and the pick (a new pick with the same files must
+    re-deploy); the metrics of a stage that wrote no file."""
+    if not artifacts:
+        return sha256_json(result.metrics)
+    return sha256_json({"files": {r: a["sha256"] for r, a in artifacts.items()}, **result.meta_fields()})
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -260,8 +269,9 @@ def _run_one(
             "config": stage.config.model_dump(mode="json"),
             "inputs": {r.name: r.meta["output_hash"] for r in upstream},
             "artifacts": artifacts,
-            "output_hash": sha256_json({r: a["sha256"] for r, a in artifacts.items()} or result.metrics),
+            "output_hash": _output_hash(artifacts, result),
             "metrics": result.metrics,
+            **result.meta_fields(),
             "wall_time_s": round(time.perf_counter() - t0, 3),
             "started_at": started,
             "finished_at": _now(),

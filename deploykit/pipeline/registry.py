@@ -1,31 +1,28 @@
 """Stage base class and the registry that maps a pipeline file's `stage:` names to classes.
 
 Adding a stage means writing one class with a config model and a `run()`, decorated with
-`@register("name")`; the engine and the config loader never change.
+`@register("name")`; the engine and the config loader never change. Built-in stages are found the way
+plugins are, through the `deploykit.stages` entry-point group (pyproject.toml), so this module imports
+no stage and no stage module imports the engine's side.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel
+
+from deploykit.artifacts import StageResult
+from deploykit.errors import DeploykitError
 
 if TYPE_CHECKING:
     from deploykit.pipeline.context import StageContext
 
 _REGISTRY: dict[str, type[Stage]] = {}
 _plugins_loaded = False
-
-
-@dataclass
-class StageResult:
-    """What a stage produced: artifact roles mapped to file names inside its output folder, and metrics."""
-
-    artifacts: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
+_BUILT_IN = "train"  # one built-in stage: its absence means the package's entry points were never installed
 
 
 class Stage(ABC):
@@ -58,12 +55,15 @@ def register(name: str):
 
 
 def stage_types() -> dict[str, type[Stage]]:
-    """All registered stages: the built-in ones and those of installed plugins."""
+    """All registered stages: the built-in ones and those of installed plugins (entry-point group `deploykit.stages`)."""
     global _plugins_loaded
-    import deploykit.stages  # noqa: F401  (registers the built-in stages)
-
-    if not _plugins_loaded:  # a package can add stages through the `deploykit.stages` entry-point group
+    if not _plugins_loaded:
         _plugins_loaded = True
         for ep in entry_points(group="deploykit.stages"):
             ep.load()
+    if _BUILT_IN not in _REGISTRY:
+        raise DeploykitError(
+            "deploykit's built-in stages are not registered: install the package (pip install -e .) so that its "
+            "entry points exist."
+        )
     return dict(_REGISTRY)

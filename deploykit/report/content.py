@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from deploykit.artifacts import StageRecord, deployable
 from deploykit.bench.targets import discover, tensorrt_unavailable
 from deploykit.loadtest.slo import SLO, verdict
-from deploykit.pipeline.context import StageRecord
 from deploykit.report import formatting as f
 from deploykit.report.document import Block, Bullets, Heading, Image, Paragraph, Table
 
@@ -216,23 +215,12 @@ def _diagnostics_blocks(upstream: list[StageRecord]) -> list[Block]:
 def choose_deployable(
     rows: list[dict[str, Any]], upstream: list[StageRecord]
 ) -> tuple[dict[str, Any] | None, str]:
-    """The quantize stage's pick if one ran, else the fastest ONNX artifact, else the most accurate torch model."""
-    order = {r.name: i for i, r in enumerate(upstream)}
-    for record in reversed(upstream):
-        role = _metrics(record).get("deployable")
-        picks = [
-            r for r in rows if isinstance(role, str) and r["role"] == role and order[r["stage"]] <= order[record.name]
-        ]
-        if picks:
-            return picks[-1], f"chosen by the {record.name} stage (deployable: {role})"
-    onnx = [r for r in rows if r["format"] == "onnx" and r["p50_ms"] is not None]
-    if onnx:
-        return min(onnx, key=lambda r: r["p50_ms"]), "the fastest ONNX artifact"
-    torch_rows = [r for r in rows if r["format"] == "torch"]
-    if torch_rows:
-        best = max(torch_rows, key=lambda r: (r["accuracy"] or 0.0, -(r["p50_ms"] or math.inf)))
-        return best, "the most accurate PyTorch model (no ONNX artifact was benchmarked)"
-    return None, "no model artifact upstream"
+    """The row of the run's one deployable model (the same file the deploy stage serves), and why it is that one."""
+    ref = deployable(upstream)
+    if ref is None:
+        return None, "no model artifact upstream"
+    row = next((r for r in rows if r["key"] == ref.key), None)
+    return row, ref.why
 
 
 def slo_verdict(row: dict[str, Any] | None, inp: ReportInput) -> dict[str, Any] | None:
@@ -290,10 +278,12 @@ def served_blocks(upstream: list[StageRecord], rows: list[dict[str, Any]]) -> li
     if record is None:
         return [Paragraph("No deploy stage ran: the model was not served, load-tested or validated.")]
     m = _metrics(record)
-    offline = next((r for r in reversed(rows) if r["role"] == m.get("role") and r["p50_ms"] is not None), None)
+    model = m["served_model"]
+    offline = next((r for r in rows if r["key"] == model["key"] and r["p50_ms"] is not None), None)
     blocks: list[Block] = [
         Paragraph(
-            f"{m['artifact']} served as '{m['model']}' on {m['engine']}: {m['checks_passed']} checks passed, "
+            f"{model['label']} ({model['file']}, sha256 {model['sha256'][:12]}) served as '{m['model']}' on "
+            f"{m['engine']}: {m['checks_passed']} checks passed, "
             f"{m['checks_warned']} warned, {len(m['checks_failed'])} failed"
             + (f" ({'; '.join(m['checks_failed'])})" if m["checks_failed"] else "")
             + f". Overall: {'PASS' if m['passed'] else 'FAIL'}."
@@ -361,28 +351,17 @@ def _benchmark_notes(bench: dict[str, Any] | None) -> list[str]:
 
 
 def _stage_notes(upstream: list[StageRecord], rows: list[dict[str, Any]]) -> list[str]:
-    """Notes stages wrote themselves, and the facts a reader could otherwise take for a win."""
+    """Notes stages wrote themselves (e.g. unstructured pruning's), and picks that kept an earlier model."""
     notes = []
-    trained = next((r for r in rows if r["role"] == "checkpoint"), None)
     for record in upstream:
         metrics = _metrics(record)
         own = [metrics["note"]] if isinstance(metrics.get("note"), str) else list(metrics.get("notes") or [])
         notes += [f"{record.name}: {note}" for note in own]
-        row = next((r for r in rows if r["stage"] == record.name and r["role"] == "checkpoint"), None)
-        if record.type == "prune" and not own and row and trained and row["size_bytes"] >= 0.95 * trained["size_bytes"]:
+        pick = record.meta.get("deployable")
+        if pick and pick["stage"] != record.name:  # the stage judged its own model and kept an earlier one
             notes.append(
-                f"The {record.name} model file is as large as the trained one ({f.megabytes(row['size_bytes'])} vs "
-                f"{f.megabytes(trained['size_bytes'])} MB): unstructured pruning zeroes weights without removing "
-                "them, so dense files do not shrink and CPU latency does not improve."
-            )
-        deployable, speedup = metrics.get("deployable"), metrics.get("speedup")
-        if isinstance(deployable, str) and deployable != "onnx_int8":
-            reason = metrics.get("deployable_reason")
-            if not reason and isinstance(speedup, (int, float)):
-                reason = f"its measured INT8 speedup was {speedup:.2f}x"
-            notes.append(
-                f"The {record.name} stage kept the FP32 model ({deployable}) as the deployable one, not INT8"
-                + (f": {str(reason).rstrip('.')}." if reason else ".")
+                f"The {record.name} stage kept {pick['stage']}/{pick['role']} as the deployable model, not its own: "
+                f"{pick['reason'].rstrip('.')}."
             )
     if not any(r["format"] == "tensorrt" for r in rows) and (why := tensorrt_unavailable()):
         notes.append(f"No TensorRT engine was built or benchmarked in this run: {why.rstrip('.')}.")
@@ -401,7 +380,7 @@ def _run_info(inp: ReportInput) -> Bullets:
     return Bullets(
         [
             f"Run date: {inp.date}",
-            f"Machine: {m.get('cpu', f.NA)}, {m.get('cores', f.NA)} cores, {threads} threads used; "
+            f"Machine: {m.get('cpu', f.NA)} ({f.isa(m)}), {m.get('cores', f.NA)} cores, {threads} threads used; "
             f"GPU: {m.get('gpu') or 'none'}; {load}",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in inp.versions.items()),
         ]
@@ -418,8 +397,8 @@ def build(
 ) -> tuple[list[Block], dict[str, Any]]:
     """The report's blocks and the stage's metrics (the verdict summary and the table rows from `artifact_rows`)."""
     big = throughput_batch(inp.benchmark)
-    deployable, why = choose_deployable(rows, inp.upstream)
-    result = slo_verdict(deployable, inp)
+    chosen, why = choose_deployable(rows, inp.upstream)
+    result = slo_verdict(chosen, inp)
     curves: Block = Image(CURVES_FILE, "Training and validation loss and accuracy per epoch")
     tradeoff: Block = Image(TRADEOFF_FILE, "Accuracy against latency, one point per artifact")
     notes = _benchmark_notes(inp.benchmark) + _stage_notes(inp.upstream, rows)
@@ -443,14 +422,16 @@ def build(
         Heading("Training diagnostics"),
         *_diagnostics_blocks(inp.upstream),
         Heading("SLO verdict"),
-        *_verdict_blocks(deployable, why, result, inp, big),
+        *_verdict_blocks(chosen, why, result, inp, big),
         Heading("Served"),
         *served_blocks(inp.upstream, rows),
         Heading("Notes"),
         Bullets(notes),
     ]
     metrics = {
-        "deployable": deployable["artifact"] if deployable else None,
+        "deployable": chosen["artifact"] if chosen else None,
+        "deployable_key": chosen["key"] if chosen else None,
+        "deployable_sha256": chosen["sha256"] if chosen else None,
         "verdict": result,
         "slo": asdict(inp.slo),
         "rows": rows,

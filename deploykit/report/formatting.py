@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 NA = "n/a"
 
 
@@ -47,3 +49,8 @@ def seconds(value: float | None) -> str:
 
 def load(values: list[float] | None) -> str:
     return NA if not values else " / ".join(f"{v:.2f}" for v in values)
+
+
+def isa(machine: dict[str, Any]) -> str:
+    """The CPU's vector instruction sets, as machine_info() recorded them."""
+    return ", ".join(machine.get("isa") or []) or "instruction set not recorded"

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deploykit.pipeline.artifacts import atomic_write_bytes
+from deploykit.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

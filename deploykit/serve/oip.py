@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ import numpy as np
 from deploykit.errors import DeploykitError
 
 ENGINES = ("triton", "torchserve")
+PROTOCOLS = ("http", "grpc", "torchserve")  # how load-test users talk to a server
+TORCHSERVE_INPUT_NAME = "input"  # TorchServe has no metadata to ask: the input name deploykit's handler reads
 
 
 def infer_body(x: np.ndarray, input_name: str = "input", datatype: str = "FP32") -> dict[str, Any]:
@@ -34,6 +37,33 @@ def binary_infer_body(x: np.ndarray, input_name: str = "input", datatype: str = 
     }
     header = json.dumps({"inputs": [tensor]}).encode()
     return header + raw, len(header)
+
+
+def oip_body(name: str, datatype: str, sample: np.ndarray) -> bytes:
+    """An Open Inference Protocol JSON request holding one sample as a batch of 1."""
+    return json.dumps(infer_body(sample[None], name, datatype)).encode()
+
+
+def sample_shape(dims: list[int]) -> tuple[int, ...]:
+    """Per-sample shape from Triton metadata dims; deploykit's repositories batch, so dims[0] is the batch (-1)."""
+    return tuple(int(d) for d in dims[1:])
+
+
+def check_samples(samples: str | Path | None, shape: tuple[int, ...], model: str) -> None:
+    """Refuse a samples file that is not an (N, *shape) array."""
+    if samples is None:
+        return
+    try:
+        found = tuple(np.load(samples, mmap_mode="r").shape)
+    except (OSError, ValueError) as e:
+        raise DeploykitError(
+            f"Samples file {samples} is not a readable .npy ({e}): pass an (N, C, H, W) array."
+        ) from None
+    if found[1:] != shape:
+        raise DeploykitError(
+            f"Samples in {samples} have shape {found[1:]} per sample but model '{model}' takes {shape}: "
+            "pass samples of the model's input shape."
+        )
 
 
 class OipClient:

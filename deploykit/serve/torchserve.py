@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from deploykit.deploy.torchserve_archive import read_store_models, write_config_properties
 from deploykit.errors import DeploykitError
+from deploykit.package.torchserve_archive import read_store_models, write_config_properties
 from deploykit.serve.process import ServerProcess, client_host, free_port
 
 MIN_JAVA = 11

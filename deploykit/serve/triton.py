@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploykit.deploy.names import validate_model_name
 from deploykit.errors import DeploykitError
+from deploykit.package.names import validate_model_name
 from deploykit.serve.process import ServerProcess, client_host
 
 TRITON_ENV_VAR = "DEPLOYKIT_TRITON_ENV"

@@ -1,14 +1,1 @@
-"""Built-in stages; importing this package registers them."""
-
-from deploykit.stages import (  # noqa: F401
-    benchmark,
-    deploy,
-    distill,
-    export,
-    load,
-    prune,
-    quantize,
-    report,
-    tensorrt,
-    train,
-)
+"""Built-in stages, one module each; pyproject.toml registers them in the `deploykit.stages` entry-point group."""

@@ -7,12 +7,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deploykit.bench.targets import ROLES, Target, discover, unavailable_reason
+from deploykit.artifacts import MODEL_ROLES, StageResult, deployable
+from deploykit.bench.targets import Target, discover, unavailable_reason
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_json, atomic_write_text
+from deploykit.files import atomic_write_json, atomic_write_text
+from deploykit.machine import machine_info, versions
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.machine import machine_info, versions
-from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.pipeline.registry import Stage, register
 
 Role = Literal["checkpoint", "onnx", "onnx_int8", "trt_fp16", "trt_int8"]
 _SUMMARY_KEYS = ("artifact", "batch", "p50_ms", "p95_ms", "p99_ms", "throughput", "speedup", "accuracy", "stable")
@@ -67,7 +68,7 @@ class BenchmarkStage(Stage):
         targets = discover(ctx.upstream, cfg.include)
         if not targets:
             raise DeploykitError(
-                f"Stage '{ctx.name}' found no model artifact ({', '.join(cfg.include or ROLES)}) upstream: "
+                f"Stage '{ctx.name}' found no model artifact ({', '.join(cfg.include or MODEL_ROLES)}) upstream: "
                 "add a train or export stage before it."
             )
         data = ctx.pipeline.data
@@ -77,19 +78,22 @@ class BenchmarkStage(Stage):
         runnable = [t for t in targets if not reasons[t.key]]
         for entry in skipped:
             ctx.reporter.log(f"[yellow]skipping {entry['artifact']}:[/yellow] {entry['reason']}")
-        _fill_counts(targets, shape)
 
         machine, threads = machine_info(), cfg.threads or os.cpu_count() or 1
         results = self._run_rounds(ctx, runnable, shape, threads)
         rows = _rows(runnable, results, cfg.batch_sizes, cfg.isolate)
         baseline = next((t for t in runnable if t.role == "checkpoint"), None)  # the trained FP32 model
         _add_speedups(rows, baseline)
+        pick = deployable(ctx.upstream)
+        for row in rows:
+            row["deployable"] = pick is not None and row["key"] == pick.key
         load_after = machine_info().get("load_avg", [])
         report = {
             "machine": {**machine, "load_avg_before": machine.get("load_avg", []), "load_avg_after": load_after},
             "versions": versions(),
             "settings": {**cfg.model_dump(mode="json"), "threads": threads, "input_shape": list(shape)},
             "baseline": baseline.label if baseline else None,
+            "deployable": {"key": pick.key, "label": pick.label, "why": pick.why} if pick else None,
             "speedup_basis": "P50 latency of the baseline / P50 latency of the artifact, same batch size, same run",
             "results": rows,
             "skipped": skipped,
@@ -98,6 +102,7 @@ class BenchmarkStage(Stage):
         atomic_write_text(ctx.out_dir / "benchmark.md", _markdown(report))
         metrics = {
             "baseline": report["baseline"],
+            "deployable": pick.label if pick else None,
             "results": [{k: r[k] for k in _SUMMARY_KEYS} for r in rows],
             "skipped": [{"artifact": s["artifact"], "reason": s["reason"]} for s in skipped],
             "unstable": sum(not r["stable"] for r in rows),
@@ -144,22 +149,6 @@ class BenchmarkStage(Stage):
         return results
 
 
-def _fill_counts(targets: list[Target], shape: tuple[int, ...]) -> None:
-    """Params and MACs no stage recorded: counted on the torch model, then copied to what was converted from it."""
-    from deploykit.train import load_model
-    from deploykit.zoo import count_macs, count_params
-
-    by_key = {t.key: t for t in targets}
-    for target in targets:  # pipeline order: a torch model comes before what was converted from it
-        if target.params is not None:
-            continue
-        if target.format == "torch":
-            model, _ = load_model(target.path)
-            target.params, target.macs = count_params(model), count_macs(model, (1, *shape))
-        elif target.source in by_key:
-            target.params, target.macs = by_key[target.source].params, by_key[target.source].macs
-
-
 def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The round whose P50 is the median (the lower one of an even count): one burst of load cannot pick it."""
     return sorted(rounds, key=lambda m: m["p50_ms"])[(len(rounds) - 1) // 2]
@@ -204,7 +193,8 @@ def _markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     headers = ["Artifact", "Batch", "P50 ms", "P95 ms", "P99 ms", "Throughput /s", "Speedup", "Accuracy", "Size MB"]
     rows = [
-        [r["artifact"], str(r["batch"]), *(f.ms(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms")), f.rate(r["throughput"]),
+        [r["artifact"] + (" (deployable)" if r["deployable"] else ""), str(r["batch"]),
+         *(f.ms(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms")), f.rate(r["throughput"]),
          f.ratio(r["speedup"]), f.percent(r["accuracy"]), f.megabytes(r["size_bytes"]), f"{r['peak_rss_mb']:.0f}",
          "yes" if r["stable"] else "NO"]
         for r in report["results"]
@@ -212,7 +202,7 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark ({report['settings']['threads']} threads)",
         "",
-        f"Machine: {m.get('cpu')}, {m.get('cores')} cores; load average {f.load(m['load_avg_before'])} before, "
+        f"Machine: {m.get('cpu')} ({f.isa(m)}), {m.get('cores')} cores; load average {f.load(m['load_avg_before'])} before, "
         f"{f.load(m['load_avg_after'])} after. Speedup: P50 ratio against {report['baseline'] or f.NA}.",
         "",
         table([*headers, "Peak RSS MB", "Stable"], rows),

@@ -11,14 +11,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from deploykit.deploy.names import validate_model_name
-from deploykit.deploy.triton_repo import TritonModelOptions
+from deploykit.artifacts import ArtifactRef, StageResult, deployable
 from deploykit.errors import DeploykitError
-from deploykit.loadtest.slo import custom_slo
+from deploykit.loadtest.slo import SLOSettings
+from deploykit.package.names import validate_model_name
+from deploykit.package.triton_repo import TritonModelOptions
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.pipeline.registry import Stage, register
 from deploykit.serve.process import free_port
-from deploykit.stages.report import SLOSettings
 
 SAMPLES = 64  # real validation samples sent by the checks and the load test
 
@@ -48,19 +48,18 @@ class DeployConfig(SLOSettings):
         return None if v is None else validate_model_name(v)
 
 
-def _deployable(ctx: StageContext, source: str) -> tuple[str, Path]:
-    """(role, file) of the ONNX model to serve: the one asked for, else the quantize stage's pick, else INT8, else FP32."""
+def _to_serve(ctx: StageContext, source: str) -> ArtifactRef:
+    """The ONNX model to serve: the role asked for, else the run's one deployable model."""
     if source != "auto":
-        return source, ctx.find(source, " (deploy source)")[1]
-    for record in reversed(ctx.upstream):
-        role = record.meta.get("metrics", {}).get("deployable")
-        if role in ("onnx", "onnx_int8") and record.artifact(role):
-            return role, record.artifact(role)  # type: ignore[return-value]
-    for role in ("onnx_int8", "onnx"):
-        for record in reversed(ctx.upstream):
-            if record.artifact(role):
-                return role, record.artifact(role)  # type: ignore[return-value]
-    raise DeploykitError(f"Stage '{ctx.name}' needs an ONNX model upstream: add an export stage before it.")
+        return ctx.find(source, " (deploy source)")
+    ref = deployable(ctx.upstream)
+    if ref is None or ref.format != "onnx":
+        what = f"the deployable model is {ref.label}, " if ref else ""
+        raise DeploykitError(
+            f"Stage '{ctx.name}' needs an ONNX model upstream ({what}which no server here runs): "
+            "add an export stage before it."
+        )
+    return ref
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -95,11 +94,12 @@ class DeployStage(Stage):
 
         cfg = self.config
         name = cfg.model_name or validate_model_name(ctx.pipeline.name)
-        role, onnx_path = _deployable(ctx, cfg.source)
-        ctx.reporter.log(f"deploy: serving {onnx_path.parent.name}/{onnx_path.name} as '{name}' on {cfg.engine}")
+        ref = _to_serve(ctx, cfg.source)
+        onnx_path = ref.path
+        ctx.reporter.log(f"deploy: serving {ref.label}, {onnx_path.name} ({ref.why}) as '{name}' on {cfg.engine}")
         server, artifacts = self._package_and_server(ctx, name, onnx_path)
         samples = real_batches(ctx.data(), [SAMPLES])[0]
-        slo = custom_slo(cfg.slo_task, **cfg.slo.model_dump())
+        slo = cfg.target()
         server.start(timeout=cfg.start_timeout_s)
         try:
             endpoints = server.endpoints
@@ -119,12 +119,13 @@ class DeployStage(Stage):
                 spawn_rate=cfg.spawn_rate,
                 protocol=cfg.protocol,
                 slo=slo,
-                size_mb=onnx_path.stat().st_size / 1e6,
+                size_mb=(ctx.stats(ref).bytes or onnx_path.stat().st_size) / 1e6,
                 reporter=ctx.reporter,
             )
         finally:
             server.stop()
-        metrics = {"engine": cfg.engine, "model": name, "role": role, "artifact": onnx_path.name, **_summary(result)}
+        served = {"key": ref.key, "label": ref.label, "sha256": ref.sha256, "file": onnx_path.name, "why": ref.why}
+        metrics = {"engine": cfg.engine, "model": name, "served_model": served, **_summary(result)}
         if cfg.fail_on_breach and not result["passed"]:
             raise DeploykitError(
                 f"Deployment validation of '{name}' failed ({'; '.join(metrics['checks_failed'])}): "
@@ -141,7 +142,7 @@ class DeployStage(Stage):
         log = ctx.out_dir / "server.log"
         ports = {"metrics_port": free_port()}
         if cfg.engine == "torchserve":
-            from deploykit.deploy.torchserve_archive import write_torchserve_archive
+            from deploykit.package.torchserve_archive import write_torchserve_archive
             from deploykit.serve.torchserve import TorchServeServer
 
             store = ctx.out_dir / "model_store"
@@ -155,7 +156,7 @@ class DeployStage(Stage):
             )  # fmt: skip
             return server, {"torchserve_mar": str(mar.relative_to(ctx.out_dir))}
 
-        from deploykit.deploy.triton_repo import write_triton_model
+        from deploykit.package.triton_repo import write_triton_model
         from deploykit.serve.triton import TritonServer, find_triton
 
         install = find_triton()

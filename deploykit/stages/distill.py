@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deploykit.artifacts import StageRecord, StageResult
 from deploykit.data.config import AugmentConfig
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_text
-from deploykit.pipeline.context import StageContext, StageRecord
-from deploykit.pipeline.registry import Stage, StageResult, register
-from deploykit.stages.train import history_csv
+from deploykit.pipeline.context import StageContext
+from deploykit.pipeline.registry import Stage, register
 from deploykit.train.config import LossConfig, TrainConfig
 from deploykit.zoo.config import ModelConfig
 
@@ -74,8 +73,9 @@ class DistillStage(Stage):
 
         from deploykit.compress.distill import DistillationLoss, WithTeacherLogits, teacher_logits
         from deploykit.data import make_loader
-        from deploykit.train import fit, load_model, save_model
+        from deploykit.train import fit, load_model
         from deploykit.train.loop import evaluate
+        from deploykit.train.outputs import publish_model
         from deploykit.zoo import count_macs, count_params
 
         cfg, bundle = self.config, ctx.data()
@@ -92,7 +92,7 @@ class DistillStage(Stage):
         def accuracy(m: nn.Module) -> float:
             return evaluate(m, val_loader, torch.device("cpu"))[1]
 
-        shape = (1, bundle.in_channels, bundle.image_size, bundle.image_size)
+        shape = (1, *bundle.input_shape)
         metrics: dict = {
             "teacher": teacher_record.name,
             "student": student_source,
@@ -126,11 +126,9 @@ class DistillStage(Stage):
                 "baseline_train_time_s": base.metrics["train_time_s"],
                 "baseline_history": base.history,
             }
-        save_model(student, student_arch, ctx.out_dir)
-        atomic_write_text(ctx.out_dir / "history.csv", history_csv(kd.history))
-        metrics |= {"fit": kd.metrics, "history": kd.history, "diagnostics": kd.diagnostics}
-        artifacts = {"checkpoint": "model.pt", "arch": "model.json", "history": "history.csv"}
-        return StageResult(artifacts=artifacts, metrics=metrics)
+        result = publish_model(student, student_arch, ctx.out_dir, bundle.input_shape, kd.metrics["val_acc"], kd)
+        result.metrics = metrics | {"fit": kd.metrics} | result.metrics
+        return result
 
     def _teacher_record(self, ctx: StageContext) -> StageRecord:
         """The configured teacher stage, or the first train stage, holding a checkpoint."""
@@ -165,14 +163,14 @@ class DistillStage(Stage):
 
         spec = self.config.student
         if spec == "upstream":
-            record, checkpoint = ctx.find("checkpoint", required_by=" as its student")
-            if record.name == teacher.name:
+            found = ctx.find("checkpoint", required_by=" as its student")
+            if found.stage == teacher.name:
                 raise DeploykitError(
                     f"Stage '{ctx.name}' would distil '{teacher.name}' into itself: put a prune stage before it or set "
                     "student to a model section (name, options)."
                 )
-            model, arch = load_model(checkpoint.parent)
-            return model, arch, record.name
+            model, arch = load_model(found.path.parent)
+            return model, arch, found.stage
         arch = {
             "name": spec.name,
             "num_classes": spec.num_classes or bundle.num_classes,

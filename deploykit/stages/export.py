@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deploykit.artifacts import Role, StageResult
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_copy, atomic_write_json
+from deploykit.files import atomic_copy, atomic_write_json
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.pipeline.registry import Stage, register
 
 
 class ExportConfig(BaseModel):
@@ -35,16 +37,17 @@ class ExportStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.export import check_parity, export_onnx, real_batches, write_reproduce_script
-        from deploykit.export.torch2onnx import REPRODUCE_SCRIPT, onnx_opset
+        from deploykit.export.torch2onnx import REPRODUCE_SCRIPT, onnx_opset, onnx_size_bytes
         from deploykit.runtime import ort_session, torch_session
         from deploykit.train import load_model
         from deploykit.train.checkpoint import ARCH_FILE, CHECKPOINT_FILE
 
         cfg = self.config
-        _, checkpoint = ctx.find("checkpoint", " (a trained model to export)")
+        source = ctx.find("checkpoint", " (a trained model to export)")
+        checkpoint = source.path
         model, arch = load_model(checkpoint.parent)
         bundle = ctx.data()
-        input_shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+        input_shape = bundle.input_shape
 
         for name in (CHECKPOINT_FILE, ARCH_FILE):  # the reproduce script reads these, not the upstream folder
             atomic_copy(checkpoint.parent / name, ctx.out_dir / "source" / name)
@@ -75,6 +78,10 @@ class ExportStage(Stage):
             "export_seconds": round(seconds, 3),
             "input_shape": list(input_shape),
         }
+        # Parity holds, so the ONNX model keeps the checkpoint's parameters, MACs and accuracy.
+        stats = replace(ctx.stats(source), bytes=onnx_size_bytes(onnx_path))
         return StageResult(
-            artifacts={"onnx": "model.onnx", "reproduce": REPRODUCE_SCRIPT, "parity": "parity.json"}, metrics=metrics
+            artifacts={Role.ONNX: "model.onnx", "reproduce": REPRODUCE_SCRIPT, "parity": "parity.json"},
+            metrics=metrics,
+            models={Role.ONNX: stats},
         )

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deploykit.artifacts import StageResult
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.pipeline.registry import Stage, register
 
 
 class LoadConfig(BaseModel):
@@ -36,9 +37,9 @@ class LoadStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         import torch
 
-        from deploykit.train import save_model
         from deploykit.train.checkpoint import load_torch, state_dict_from
-        from deploykit.zoo import count_macs, count_params, get_model
+        from deploykit.train.outputs import publish_model
+        from deploykit.zoo import get_model
 
         cfg, arch = self.config, ctx.arch()
         torch.manual_seed(cfg.seed)
@@ -55,13 +56,9 @@ class LoadStage(Stage):
                     "num_classes and options, or set strict: false to skip mismatched keys."
                 ) from None
             metrics_skipped = len(result.missing_keys) + len(result.unexpected_keys)
-        save_model(model.eval(), arch, ctx.out_dir)
-        size = ctx.data().image_size
-        metrics = {
-            "params": count_params(model),
-            "macs": count_macs(model, (1, arch["in_channels"], size, size)),
-            "weights": str(cfg.weights) if cfg.weights else "random",
-        }
+        # Accuracy unknown: the weights were never evaluated here, and random ones say nothing.
+        result = publish_model(model.eval(), arch, ctx.out_dir, ctx.data().input_shape, accuracy=None)
+        result.metrics["weights"] = str(cfg.weights) if cfg.weights else "random"
         if cfg.weights is not None:
-            metrics["skipped_keys"] = metrics_skipped
-        return StageResult(artifacts={"checkpoint": "model.pt", "arch": "model.json"}, metrics=metrics)
+            result.metrics["skipped_keys"] = metrics_skipped
+        return result

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deploykit.pipeline.artifacts import atomic_write_text
+from deploykit.artifacts import StageResult
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, StageResult, register
-from deploykit.stages.train import history_csv
+from deploykit.pipeline.registry import Stage, register
 from deploykit.train.config import OptimizerConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -88,15 +87,16 @@ class PruneStage(Stage):
 
         from deploykit.compress import prune as pruning
         from deploykit.data import make_loader
-        from deploykit.train import fit, load_model, save_model
+        from deploykit.train import fit, load_model
         from deploykit.train.loop import evaluate
+        from deploykit.train.outputs import publish_model
         from deploykit.zoo import count_macs, count_params
 
         cfg, bundle = self.config, ctx.data()
-        _, checkpoint = ctx.find("checkpoint", required_by=" to prune")
+        checkpoint = ctx.find("checkpoint", required_by=" to prune").path
         model, arch = load_model(checkpoint.parent)
         original = copy.deepcopy(model)
-        shape = (1, bundle.in_channels, bundle.image_size, bundle.image_size)
+        shape = (1, *bundle.input_shape)
         val_loader = make_loader(bundle.val, cfg.finetune.batch_size, shuffle=False)
 
         def accuracy(m: nn.Module) -> float:
@@ -123,7 +123,7 @@ class PruneStage(Stage):
             model, result = fit(model, bundle, cfg.finetune, ctx.work_dir, ctx.reporter, mixup_alpha=mixup)
             acc["finetuned"] = accuracy(model)
         pruning.remove_masks(model)  # unstructured: the zeros become plain weights
-        save_model(model, arch, ctx.out_dir)
+        published = publish_model(model, arch, ctx.out_dir, bundle.input_shape, acc[list(acc)[-1]], result)
 
         latency = pruning.cpu_latency_ms({"before": original, "after": model}, shape, cfg.latency_runs)
         before_after = {
@@ -137,14 +137,12 @@ class PruneStage(Stage):
         metrics |= {f"val_acc_{when}": value for when, value in acc.items()}
         metrics |= {"val_acc": list(acc.values())[-1], "latency_threads": 1}
         metrics["weight_sparsity"] = pruning.weight_sparsity(model)
-        artifacts = {"checkpoint": "model.pt", "arch": "model.json"}
         if cfg.method == "unstructured":
             metrics |= {"sparsity_target": cfg.sparsity, "note": _UNSTRUCTURED_NOTE}
         if result is not None:
-            atomic_write_text(ctx.out_dir / "history.csv", history_csv(result.history))
-            artifacts["history"] = "history.csv"
-            metrics |= {"finetune": result.metrics, "history": result.history, "diagnostics": result.diagnostics}
-        return StageResult(artifacts=artifacts, metrics=metrics)
+            metrics["finetune"] = result.metrics
+        published.metrics = metrics | published.metrics
+        return published
 
     def _prune_structured(
         self, model: nn.Module, shape: tuple[int, ...], num_classes: int, train_batches: Callable[[int], list]

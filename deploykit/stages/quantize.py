@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deploykit.artifacts import ModelStats, Pick, Role, StageResult, latest
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_copy, atomic_write_json
+from deploykit.files import atomic_copy, atomic_write_json
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.pipeline.registry import Stage, register
 from deploykit.train.config import OptimizerConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -115,49 +116,58 @@ class QuantizeStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.export import export_onnx
+        from deploykit.export.torch2onnx import onnx_size_bytes
         from deploykit.runtime import evaluate_accuracy, ort_session, torch_session
         from deploykit.train import load_model
 
         cfg = self.config
         from_onnx = cfg.method in ("ptq", "dynamic")
         # Inputs first, so that a pipeline lacking one fails before any work.
-        fp32_onnx = _newest(ctx, "onnx")
-        if from_onnx and fp32_onnx is None:
+        fp32 = latest(ctx.upstream, Role.ONNX)
+        if from_onnx and fp32 is None:
             raise DeploykitError(
                 f"Stage '{ctx.name}' (method {cfg.method}) quantizes the FP32 ONNX model of an export stage, but no "
                 "earlier stage wrote one: add an export stage before quantize."
             )
-        if not from_onnx:
-            _, checkpoint = ctx.find("checkpoint", f" (method {cfg.method} quantizes a PyTorch model)")
-        # What to deploy instead when INT8 does not pay off.
-        fallback_role = "onnx" if fp32_onnx is not None else "checkpoint"
+        checkpoint = None if from_onnx else ctx.find(Role.CHECKPOINT, f" (method {cfg.method} quantizes a PyTorch model)")
+        # What to deploy instead when INT8 does not pay off: the very FP32 model it was compared with.
+        fallback = fp32 or checkpoint
         bundle = ctx.data()
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="quantize-", dir=ctx.work_dir) as tmp:
             scratch = Path(tmp)
             if from_onnx:
+                fp32_onnx = fp32.path
                 reference = ort_session(fp32_onnx, cfg.latency_threads)
                 fp32_accuracy = evaluate_accuracy(reference, bundle.val)
                 search, extra = self._search_onnx(ctx, fp32_onnx, fp32_accuracy, scratch)
             else:
-                model, _ = load_model(checkpoint.parent)
-                if fp32_onnx is None:  # only to time INT8 against
-                    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
-                    fp32_onnx = export_onnx(model, shape, scratch / "fp32.onnx")
+                model, _ = load_model(checkpoint.path.parent)
+                # only to time INT8 against
+                fp32_onnx = fp32.path if fp32 else export_onnx(model, bundle.input_shape, scratch / "fp32.onnx")
                 reference = torch_session(model, cfg.latency_threads)
                 fp32_accuracy = evaluate_accuracy(reference, bundle.val)
                 search, extra = self._torchao(ctx, model, fp32_accuracy, scratch)
             int8_path = ctx.out_dir / INT8_FILE
             atomic_copy(search.best.path, int8_path)
-            metrics = self._check(ctx, reference, fp32_onnx, int8_path, fp32_accuracy, search, fallback_role)
+            metrics, int8_wins, reason = self._check(ctx, reference, fp32_onnx, int8_path, fp32_accuracy, search)
         metrics.update(extra)
+        pick = Pick(ctx.name, Role.ONNX_INT8, reason) if int8_wins else Pick(fallback.stage, fallback.role, reason)
+        metrics["deployable"] = f"{pick.stage}/{pick.role}"
         atomic_write_json(ctx.out_dir / REPORT_FILE, metrics)
         ctx.reporter.log(
             f"INT8 ({cfg.method}): val acc {metrics['fp32_accuracy']:.2%} -> {metrics['int8_accuracy']:.2%}, "
             f"{len(metrics['excluded_nodes'])} layer(s) in FP32, {metrics['size_ratio']:.2f}x the size, "
             f"{metrics['speedup']:.2f}x faster; deployable: {metrics['deployable']}"
         )
-        return StageResult(artifacts={"onnx_int8": INT8_FILE, "quant_report": REPORT_FILE}, metrics=metrics)
+        source = ctx.stats(fallback)  # quantization keeps the parameters and the MACs
+        stats = ModelStats(source.params, source.macs, onnx_size_bytes(int8_path), metrics["int8_accuracy"])
+        return StageResult(
+            artifacts={Role.ONNX_INT8: INT8_FILE, "quant_report": REPORT_FILE},
+            metrics=metrics,
+            models={Role.ONNX_INT8: stats},
+            deployable=pick,
+        )
 
     # -- making candidates ---------------------------------------------------------------------------------
 
@@ -254,8 +264,7 @@ class QuantizeStage(Stage):
                 fold_batchnorm=cfg.qat_fold_batchnorm,
             )
             extra["qat"] = {"history": fit.history, **{k: fit.metrics[k] for k in ("val_acc", "epochs_run")}}
-        shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
-        path = export_onnx(quantized, shape, scratch / "candidate.onnx")
+        path = export_onnx(quantized, bundle.input_shape, scratch / "candidate.onnx")
         accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val)
         candidate = Candidate([], accuracy, path, round(time.monotonic() - start, 3))
         goal_met = cfg.max_accuracy_drop is None or accuracy_drop(fp32_accuracy, accuracy) <= cfg.max_accuracy_drop
@@ -275,9 +284,9 @@ class QuantizeStage(Stage):
         int8_path: Path,
         fp32_accuracy: float,
         search: SearchResult,
-        fallback_role: str,
-    ) -> dict[str, Any]:
-        """Batch sizes, top-1 agreement, sizes and latency of the saved INT8 model, and which model to deploy."""
+    ) -> tuple[dict[str, Any], bool, str]:
+        """Batch sizes, top-1 agreement, sizes and latency of the saved INT8 model; whether INT8 is the one to
+        deploy, and why."""
         from deploykit.compress.quantize import accuracy_drop, compare_latency, float_layers
         from deploykit.data import sample_batch
         from deploykit.export import check_parity, real_batches
@@ -306,15 +315,12 @@ class QuantizeStage(Stage):
             )
         best = search.best
         drop = accuracy_drop(fp32_accuracy, best.accuracy)
+        int8_wins = search.goal_met and latency["worth_it"]
+        reason = latency["message"]
         if not search.goal_met:
-            deployable = fallback_role
             reason = f"INT8 loses {drop:g} accuracy points, more than max_accuracy_drop {cfg.max_accuracy_drop:g}"
-        elif not latency["worth_it"]:
-            deployable, reason = fallback_role, latency["message"]
-        else:
-            deployable, reason = "onnx_int8", latency["message"]
         fp32_bytes, int8_bytes = fp32_onnx.stat().st_size, int8_path.stat().st_size
-        return {
+        metrics = {
             "method": cfg.method,
             "fp32_accuracy": fp32_accuracy,
             "int8_accuracy": best.accuracy,
@@ -341,11 +347,7 @@ class QuantizeStage(Stage):
             "fp32_bytes": fp32_bytes,
             "int8_bytes": int8_bytes,
             "size_ratio": round(int8_bytes / fp32_bytes, 4),
-            "deployable": deployable,
             "deployable_reason": reason,
         }
+        return metrics, int8_wins, reason
 
-
-def _newest(ctx: StageContext, role: str) -> Path | None:
-    """The newest upstream artifact of `role`, or None."""
-    return next((path for record in reversed(ctx.upstream) if (path := record.artifact(role)) is not None), None)

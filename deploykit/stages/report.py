@@ -6,37 +6,14 @@ import json
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-from deploykit.loadtest.slo import SLO_TABLE, custom_slo
-from deploykit.pipeline.artifacts import atomic_write_text
+from deploykit.artifacts import StageResult
+from deploykit.files import atomic_write_text
+from deploykit.loadtest.slo import SLOSettings
+from deploykit.machine import machine_info, versions
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.machine import machine_info, versions
-from deploykit.pipeline.registry import Stage, StageResult, register
-
-
-class SLOOverrides(BaseModel):
-    """A pipeline's own targets; unset ones keep the task's values from the SLO table."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_latency_ms: float | None = Field(None, gt=0.0, description="Latency target in ms (on latency_percentile).")
-    min_throughput: float | None = Field(None, gt=0.0, description="Throughput target in samples per second.")
-    max_size_mb: float | None = Field(None, gt=0.0, description="Model size target in MB (10^6 bytes).")
-
-
-class SLOSettings(BaseModel):
-    """Which row of the SLO target table a stage judges against, and the pipeline's own overrides."""
-
-    model_config = ConfigDict(extra="forbid")
-    slo_task: str = Field("image_classification", description=f"SLO target table row: one of {', '.join(SLO_TABLE)}.")
-    slo: SLOOverrides = Field(default_factory=SLOOverrides, description="Override some of the task's targets.")
-
-    @field_validator("slo_task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        if v not in SLO_TABLE:
-            raise ValueError(f"unknown slo_task {v!r}: choose one of {', '.join(SLO_TABLE)}")
-        return v
+from deploykit.pipeline.registry import Stage, register
 
 
 class ReportConfig(SLOSettings):
@@ -67,7 +44,7 @@ class ReportStage(Stage):
             benchmark=benchmark,
             machine=benchmark["machine"] if benchmark else machine_info(),
             versions=benchmark["versions"] if benchmark else versions(),
-            slo=custom_slo(cfg.slo_task, **cfg.slo.model_dump()),
+            slo=cfg.target(),
             latency_batch=cfg.latency_batch,
             latency_percentile=cfg.latency_percentile,
         )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deploykit.pipeline.artifacts import atomic_copy, atomic_write_text
+from deploykit.artifacts import ArtifactRef, Role, StageResult, latest
+from deploykit.files import atomic_copy, atomic_write_text
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, StageResult, register
+from deploykit.pipeline.registry import Stage, register
 
 REPRODUCE_SCRIPT = "reproduce_tensorrt.py"
 
@@ -59,20 +61,17 @@ def _symmetric_int8(path: Path) -> bool:
     return True
 
 
-def _int8_source(ctx: StageContext) -> Path:
+def _int8_source(ctx: StageContext) -> ArtifactRef:
     """The newest QDQ ONNX (explicit quantization) if TensorRT can take it, else the newest FP32 ONNX (calibrated)."""
-    for record in reversed(ctx.upstream):
-        path = record.artifact("onnx_int8")
-        if path is None:
-            continue
-        if _symmetric_int8(path):
-            return path
+    qdq = latest(ctx.upstream, Role.ONNX_INT8)
+    if qdq is not None:
+        if _symmetric_int8(qdq.path):
+            return qdq
         ctx.reporter.log(
-            f"{path.name} uses unsigned or asymmetric activations (fast on x86 CPUs) that TensorRT does not take: "
+            f"{qdq.path.name} uses unsigned or asymmetric activations (fast on x86 CPUs) that TensorRT does not take: "
             "calibrating the int8 engine from the FP32 ONNX instead (set activation_type: int8 in quantize to reuse it)."
         )
-        break
-    return ctx.find("onnx", " (int8 engines are built from 'onnx_int8' or 'onnx')")[1]
+    return ctx.find(Role.ONNX, " (int8 engines are built from 'onnx_int8' or 'onnx')")
 
 
 _SCRIPT = '''\
@@ -84,6 +83,7 @@ Usage: python {script} [OUTPUT_DIR]    (default: rebuilt/ beside this script)
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from deploykit.export.onnx2trt import build_engine, calibration_cache_path
@@ -121,10 +121,11 @@ class TensorRTStage(Stage):
 
         cfg = self.config
         bundle = ctx.data()
-        input_shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
-        artifacts, metrics, builds = {}, {}, {}
+        input_shape = bundle.input_shape
+        artifacts, metrics, builds, models = {}, {}, {}, {}
         for precision in cfg.precisions:
-            onnx_path = _int8_source(ctx) if precision == "int8" else ctx.find("onnx", " (the FP32 ONNX model)")[1]
+            ref = _int8_source(ctx) if precision == "int8" else ctx.find(Role.ONNX, " (the FP32 ONNX model)")
+            onnx_path = ref.path
             source = atomic_copy(onnx_path, ctx.out_dir / "source" / onnx_path.name)
             calibration = None
             if precision == "int8" and onnx_precision(source) != "int8":
@@ -143,6 +144,8 @@ class TensorRTStage(Stage):
                 workspace_mb=cfg.workspace_mb,
             )
             artifacts[f"trt_{precision}"] = plan.name
+            # An engine keeps its source's parameters and MACs; its accuracy is measured where it runs.
+            models[f"trt_{precision}"] = replace(ctx.stats(ref), bytes=plan.stat().st_size, accuracy=None)
             artifacts[f"trt_{precision}_meta"] = engine_metadata_path(plan).name
             if calibration_cache_path(plan).is_file():  # the reproduce script replays it instead of the samples
                 artifacts[f"trt_{precision}_calibration"] = calibration_cache_path(plan).name
@@ -158,4 +161,4 @@ class TensorRTStage(Stage):
         )
         atomic_write_text(ctx.out_dir / REPRODUCE_SCRIPT, script)
         artifacts["reproduce"] = REPRODUCE_SCRIPT
-        return StageResult(artifacts=artifacts, metrics=metrics)
+        return StageResult(artifacts=artifacts, metrics=metrics, models=models)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
+from deploykit.files import atomic_path, atomic_write_json
 
 CHECKPOINT_FILE = "model.pt"
 ARCH_FILE = "model.json"

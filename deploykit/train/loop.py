@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from deploykit.data import DataBundle, make_loader, mixup_batch
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.progress import Reporter, silent
+from deploykit.progress import Reporter, silent
 from deploykit.train import distributed as ddp
 from deploykit.train.checkpoint import load_torch, rng_state, save_torch, set_rng_state
 from deploykit.train.config import EarlyStoppingConfig, SWAConfig, TrainConfig

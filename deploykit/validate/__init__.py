@@ -7,11 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from deploykit.loadtest.runner import sample_shape
+from deploykit.files import atomic_path, atomic_write_json
 from deploykit.loadtest.slo import SLO
-from deploykit.pipeline.artifacts import atomic_path, atomic_write_json
-from deploykit.pipeline.progress import Reporter, silent
-from deploykit.serve.oip import OipClient
+from deploykit.progress import Reporter, silent
+from deploykit.serve.oip import OipClient, sample_shape
 from deploykit.validate.checks import (
     FAIL,
     PASS,
@@ -31,7 +30,7 @@ def _input_shape(client: OipClient, samples: np.ndarray | None, onnx_path: Path 
         return list(samples.shape[1:])
     if client.engine == "triton":
         return list(sample_shape(client.metadata()["inputs"][0]["shape"]))
-    from deploykit.deploy.triton_repo import model_io
+    from deploykit.package.triton_repo import model_io
 
     return model_io(Path(onnx_path)).inputs[0].dims
 

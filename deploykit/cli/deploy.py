@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from deploykit.cli import app, console, err_console, user_errors
+from deploykit.cli.app import app, console, err_console, user_errors
 from deploykit.errors import DeploykitError
 
 Engine = Annotated[str, typer.Option("--engine", help="triton or torchserve.")]
@@ -50,7 +50,7 @@ def package(
     ] = "deploykit-triton:0.1.0",
 ) -> None:
     """Add a model version to a Triton model repository (and optionally a TorchServe archive and k8s manifests)."""
-    from deploykit.deploy.triton_repo import TritonModelOptions, write_triton_model
+    from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
     from deploykit.serve.triton import find_triton
 
     if not model_file.is_file():
@@ -73,13 +73,13 @@ def package(
     written = write_triton_model(repo, name, model_file, options, version=version)
     console.print(f"triton: {written}")
     if torchserve:
-        from deploykit.deploy.torchserve_archive import write_torchserve_archive
+        from deploykit.package.torchserve_archive import write_torchserve_archive
 
         console.print(
             f"torchserve: {write_torchserve_archive(model_file, model_store, name, batch_size=max(1, max_batch_size))}"
         )
     if k8s:
-        from deploykit.deploy.k8s import k8s_manifests, write_k8s
+        from deploykit.package.k8s import k8s_manifests, write_k8s
 
         console.print(f"kubernetes: {write_k8s(repo.resolve().parent, k8s_manifests(name, image))}")
 
@@ -251,7 +251,7 @@ def loadtest(
 ) -> None:
     """Run locust headless against a served model; print P50/P95/P99, throughput and the SLO verdict (exit 1 on a breach)."""
     from deploykit.loadtest.runner import run_loadtest, verdict_table
-    from deploykit.pipeline.progress import Reporter
+    from deploykit.progress import Reporter
 
     with Reporter() as reporter:
         result = run_loadtest(
@@ -286,7 +286,7 @@ def validate(
     """Health, correctness against offline ONNX Runtime, bad inputs, metrics, then a load test against the SLO."""
     import numpy as np
 
-    from deploykit.pipeline.progress import Reporter
+    from deploykit.progress import Reporter
     from deploykit.validate import validate_server
 
     size_mb = onnx.stat().st_size / 1e6 if onnx and onnx.is_file() else None

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 # The process's umask, read once (reading it means setting it): mkstemp makes owner-only files, and artifacts
 # get the mode a plain open() would give them, so a server running as another user can read a model.
 _UMASK = os.umask(0)

@@ -1,47 +1,18 @@
-"""The `deploykit` command: a thin face over the same functions the tests call."""
+"""The pipeline commands: optimize, train, models, schema, version."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from deploykit.cli.app import ConfigOpt, ForceOpt, QuietOpt, UntilOpt, app, console, user_errors
 from deploykit.errors import DeploykitError
-
-app = typer.Typer(
-    help="Train, compress, export, serve and validate PyTorch models from one YAML pipeline.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML file.")]
-ForceOpt = Annotated[list[str], typer.Option("--force", help="Re-run this stage and every stage after it (repeatable).")]
-UntilOpt = Annotated[str | None, typer.Option("--until", help="Stop after this stage.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a DeploykitError as its one sentence and exit 2, without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DeploykitError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _summary(outcomes: list[Any]) -> Table:
@@ -56,9 +27,9 @@ def _summary(outcomes: list[Any]) -> Table:
 
 
 def _run(config: Path, force: list[str], until: str | None, quiet: bool) -> None:
-    from deploykit.config import load_pipeline
     from deploykit.pipeline.engine import run_pipeline
-    from deploykit.pipeline.progress import Reporter
+    from deploykit.pipeline.loader import load_pipeline
+    from deploykit.progress import Reporter
 
     cfg = load_pipeline(config)
     with Reporter(enabled=not quiet and sys.stderr.isatty()) as reporter:
@@ -84,7 +55,7 @@ def optimize(config: ConfigOpt, force: ForceOpt = [], until: UntilOpt = None, qu
 @user_errors
 def train(config: ConfigOpt, force: ForceOpt = [], quiet: QuietOpt = False) -> None:  # noqa: B006
     """Run a pipeline up to its last train stage (works under `torchrun --nproc_per_node N -m deploykit train`)."""
-    from deploykit.config import load_pipeline
+    from deploykit.pipeline.loader import load_pipeline
 
     stages = [s for s in load_pipeline(config).stages if s.stage == "train"]  # type: ignore[attr-defined]
     if not stages:
@@ -112,7 +83,7 @@ def models(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of pipeline files (for editors and validation)."""
-    from deploykit.config import json_schema
+    from deploykit.pipeline.loader import json_schema
 
     print(json.dumps(json_schema(), indent=2))
 
@@ -124,6 +95,3 @@ def version() -> None:
 
     print(__version__)
 
-
-# The deployment commands live in their own module; importing it registers them on `app`.
-from deploykit import cli_deploy  # noqa: E402,F401

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from deploykit.deploy.names import validate_model_name
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_copy, atomic_write_json, atomic_write_text
+from deploykit.files import atomic_copy, atomic_write_json, atomic_write_text
+from deploykit.package.names import validate_model_name
 
 HANDLER_SOURCE = Path(__file__).with_name("torchserve_handler.py")
 CONFIG_NAME = "config.properties"

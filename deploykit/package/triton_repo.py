@@ -2,7 +2,7 @@
 
 Two flavours:
 - portable: Triton's python backend runs the ONNX model with ONNX Runtime through a generated model.py
-  (the source of deploykit.deploy.triton_python_model), so it serves on any Triton build, even one with
+  (the source of deploykit.package.triton_python_model), so it serves on any Triton build, even one with
   only the python backend.
 - native: Triton's own onnxruntime_onnx or tensorrt_plan backend loads model.onnx / model.plan directly.
 
@@ -26,9 +26,9 @@ from google.protobuf.message import DecodeError
 from google.protobuf.text_encoding import CEscape
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deploykit.deploy.names import validate_model_name
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_copy, atomic_write_text
+from deploykit.files import atomic_copy, atomic_write_text
+from deploykit.package.names import validate_model_name
 
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")

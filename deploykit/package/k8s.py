@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from deploykit.deploy.names import validate_model_name
 from deploykit.errors import DeploykitError
-from deploykit.pipeline.artifacts import atomic_write_text
+from deploykit.files import atomic_write_text
+from deploykit.package.names import validate_model_name
 
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _MAX_NAME = 63  # a Service name is a DNS-1035 label: at most 63 characters, starting with a letter

@@ -1,6 +1,6 @@
 """Triton python-backend model serving `model.onnx` with ONNX Runtime: the portable flavour's model.py.
 
-deploykit.deploy.triton_repo copies this file as `<version>/model.py`. It runs inside Triton's python
+deploykit.package.triton_repo copies this file as `<version>/model.py`. It runs inside Triton's python
 stub with the environment named by EXECUTION_ENV_PATH (numpy 1.x, its own onnxruntime), so it imports
 only numpy, onnxruntime and the standard library, never deploykit.
 
