@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 TRITON_VENV ?= .venv-triton
+PERF_VENV ?= .venv-perf
 
 .PHONY: setup demo test clean
 
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,serve]"
+	$(BIN)/python -m pip install --quiet -e ".[test,serve,openvino]"
 	touch $@
 
 # The Triton server (inside nvidia-pytriton) pins numpy 1.x, so it lives in its own environment.
@@ -22,7 +23,17 @@ $(TRITON_VENV)/.installed: triton-env.txt
 	$(TRITON_VENV)/bin/python -m pip install --quiet -r triton-env.txt
 	touch $@
 
-setup: $(VENV)/.installed $(TRITON_VENV)/.installed
+# perf_analyzer is the binary inside tritonclient 2.51.0, which pins numpy<2: it gets an environment of its own.
+# It loads libb64.so.0d, which nvidia-pytriton bundles under a hashed name: copied here under the name it asks for.
+$(PERF_VENV)/.installed: perf-env.txt $(TRITON_VENV)/.installed
+	$(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PERF_VENV)/bin/python -m pip install --quiet -r perf-env.txt
+	mkdir -p $(PERF_VENV)/deploykit-libs
+	cp $(TRITON_VENV)/lib/python3*/site-packages/nvidia_pytriton.libs/libb64-*.so.0d $(PERF_VENV)/deploykit-libs/libb64.so.0d
+	touch $@
+
+setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(PERF_VENV)/.installed
 
 demo: setup
 	$(BIN)/deploykit optimize -c pipelines/quickstart.yaml

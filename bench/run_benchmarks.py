@@ -18,9 +18,11 @@ from pathlib import Path
 from serve_benchmarks import END, START  # the serving section, which serve_benchmarks.py owns
 
 from deploykit.files import atomic_write_text
-from deploykit.pipeline.loader import load_pipeline
+from deploykit.machine import cpu_isa, cpu_model
 from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.loader import load_pipeline
 from deploykit.progress import Reporter
+from deploykit.report.formatting import isa
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["pipelines/resnet18-latency.yaml", "pipelines/resnet50-latency.yaml", "pipelines/quickstart.yaml"]
@@ -46,7 +48,8 @@ def _section(name: str, run_dir: Path) -> list[str]:
     lines = [
         f"## {name}",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {bench['settings'].get('threads') or machine['cores']} threads; "
+        f"Machine: {machine['cpu']} ({isa(machine)}), {machine['cores']} cores, "
+        f"{bench['settings'].get('threads') or machine['cores']} threads; "
         f"load average {machine['load_avg_before']} before, {machine['load_avg_after']} after. "
         f"Speedups are against {bench['baseline']} at the same batch, in the same run.",
         "",
@@ -56,7 +59,7 @@ def _section(name: str, run_dir: Path) -> list[str]:
     for r in bench["results"]:
         acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
         lines.append(
-            f"| {r['artifact']} | {r['batch']} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
+            f"| {r['artifact']}{' (deployable)' if r['deployable'] else ''} | {r['batch']} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
             f"{_fmt(r['throughput'], 1)} | {_fmt(r.get('speedup'))}x | {_fmt(r['size_bytes'] / 1e6)} | "
             f"{_fmt(acc, 2) + ' %' if acc is not None else 'n/a'} | {'yes' if r['stable'] else 'NO'} |"
         )
@@ -73,7 +76,7 @@ def _section(name: str, run_dir: Path) -> list[str]:
         lines += [
             "",
             f"INT8 ({m.get('method')}): {accuracy}, file {_fmt(m.get('size_ratio'), 3)}x the FP32 file, "
-            f"deployable: {m.get('deployable')}.",
+            f"deployable: {(bench['deployable'] or {}).get('label')} ({m.get('deployable_reason')}).",
         ]
     target = LATENCY_TARGETS_MS.get(name)
     int8 = [r for r in bench["results"] if r["precision"] == "int8" and r["batch"] == 1]
@@ -101,7 +104,8 @@ def main() -> None:
     header = [
         "# Benchmarks",
         "",
-        f"Latest results of `python bench/run_benchmarks.py`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Latest results of `python bench/run_benchmarks.py`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, on "
+        f"{cpu_model()} with {isa({'isa': cpu_isa()})} (INT8 speed differs ~3x between AVX2-only and VNNI CPUs). "
         "Offline, one process, ONNX Runtime / PyTorch on CPU; percentiles over the last three stable "
         "measurement windows (perf_analyzer's method).",
         "",

@@ -32,13 +32,12 @@ from deploykit.loadtest.slo import get_slo, verdict
 from deploykit.machine import machine_info
 from deploykit.package.torchserve_archive import write_torchserve_archive
 from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
-from deploykit.pipeline.loader import load_pipeline
 from deploykit.pipeline.engine import run_pipeline
+from deploykit.pipeline.loader import load_pipeline
 from deploykit.progress import Reporter
 from deploykit.runtime import ort_session
-from deploykit.serve.process import free_port
-from deploykit.serve.torchserve import TorchServeServer
-from deploykit.serve.triton import TritonServer, find_triton
+from deploykit.serve.server import free_ports, make_server
+from deploykit.serve.triton import find_triton
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- serving:start -->", "<!-- serving:end -->"
@@ -70,7 +69,7 @@ def build_repo(root: Path, qs: Path, r18: Path) -> Path:
 
 def load(url: str, model: str, users: int, duration: float, samples: Path, work: Path, **kw: Any) -> dict[str, Any]:
     result = run_locust(url, model, users=users, spawn_rate=users, duration_s=duration, samples=samples,
-                        workdir=work / f"{model}-{kw.get('protocol', 'http')}-{users}", **kw)  # fmt: skip
+                        workdir=work / f"{model}-{kw.get('engine', 'triton')}-{users}", **kw)  # fmt: skip
     return result.__dict__
 
 
@@ -109,10 +108,9 @@ def main() -> None:
     offline = ort_session(qs, threads=1)
     d, qs_npy, r18_npy = args.duration, work / "qs_samples.npy", work / "r18_samples.npy"
     rounds: list[dict[str, Any]] = [{} for _ in range(args.repeats)]
-    triton = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_path=work / "triton.log")  # fmt: skip
+    triton = make_server("triton", repo, ports=free_ports("triton"), log_dir=work)
     with triton:
-        t_url, t_metrics = triton.endpoints["http"], triton.endpoints["metrics"]
+        t_url, t_metrics = triton.infer_url, triton.metrics_url
         for i, row in enumerate(rounds):  # Triton alone: an idle JVM beside it would only add noise
             print(f"triton round {i + 1}/{args.repeats}")
             row.update(
@@ -123,15 +121,15 @@ def main() -> None:
                 r18_1=load(t_url, "r18", 1, d, r18_npy, work, metrics_url=t_metrics),
                 r18_2=load(t_url, "r18", 2, d, r18_npy, work, metrics_url=t_metrics),
             )
-        torchserve = TorchServeServer(store, inference_port=free_port(), management_port=free_port(),
-                                      metrics_port=free_port(), log_dir=work / "torchserve-logs")  # fmt: skip
+        ts_logs = work / "torchserve-logs"
+        torchserve = make_server("torchserve", store, ports=free_ports("torchserve"), log_dir=ts_logs)
         with torchserve:  # both servers up, runs interleaved: the same machine state for each
-            ts_url, ts_metrics = torchserve.endpoints["inference"], torchserve.endpoints["metrics"]
+            ts_url, ts_metrics = torchserve.infer_url, torchserve.metrics_url
             for i, row in enumerate(rounds):
                 print(f"triton vs torchserve round {i + 1}/{args.repeats}")
                 row.update(
                     triton_8=load(t_url, "qs_batched", 8, d, qs_npy, work, metrics_url=t_metrics),
-                    torchserve_8=load(ts_url, "qs", 8, d, qs_npy, work, protocol="torchserve",
+                    torchserve_8=load(ts_url, "qs", 8, d, qs_npy, work, engine="torchserve",
                                       input_shape=qs_samples.shape[1:], metrics_url=ts_metrics),
                 )  # fmt: skip
     report = summarize(rounds, r18.stat().st_size / 1e6)

@@ -25,6 +25,8 @@ class Role(str, Enum):
     HISTORY = "history"
     ONNX = "onnx"  # FP32 ONNX
     ONNX_INT8 = "onnx_int8"  # QDQ ONNX
+    OPENVINO = "openvino"  # FP32 OpenVINO IR (.xml; its .bin is published as openvino_weights)
+    OPENVINO_INT8 = "openvino_int8"
     TRT_FP16 = "trt_fp16"
     TRT_INT8 = "trt_int8"
     BENCHMARK = "benchmark"
@@ -37,9 +39,15 @@ MODEL_ROLES: dict[str, tuple[str, str]] = {
     Role.CHECKPOINT: ("torch", "fp32"),
     Role.ONNX: ("onnx", "fp32"),
     Role.ONNX_INT8: ("onnx", "int8"),
+    Role.OPENVINO: ("openvino", "fp32"),
+    Role.OPENVINO_INT8: ("openvino", "int8"),
     Role.TRT_FP16: ("tensorrt", "fp16"),
     Role.TRT_INT8: ("tensorrt", "int8"),
 }
+
+
+# The runtime a model format runs on unless a pick names another (OpenVINO also runs ONNX files).
+DEFAULT_RUNTIME = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 
 def model_kind(role: str) -> tuple[str, str] | None:
@@ -64,11 +72,12 @@ class ModelStats:
 
 @dataclass
 class Pick:
-    """A stage's judgement of which earlier (or its own) model to deploy, and why."""
+    """A stage's judgement of which earlier (or its own) model to deploy, on which runtime, and why."""
 
     stage: str
     role: str
     reason: str
+    runtime: str | None = None  # None: the format's default runtime
 
 
 @dataclass
@@ -122,6 +131,7 @@ class ArtifactRef:
     path: Path
     sha256: str
     why: str = ""
+    runtime: str | None = None  # None: the format's default runtime
 
     @property
     def format(self) -> str:
@@ -132,12 +142,20 @@ class ArtifactRef:
         return (model_kind(self.role) or ("unknown", "unknown"))[1]
 
     @property
+    def runs_on(self) -> str:
+        return self.runtime or DEFAULT_RUNTIME.get(self.format, "unknown")
+
+    @property
+    def _other_runtime(self) -> bool:
+        return self.runs_on != DEFAULT_RUNTIME.get(self.format)
+
+    @property
     def key(self) -> str:
-        return f"{self.stage}/{self.role}"
+        return f"{self.stage}/{self.role}" + (f"@{self.runs_on}" if self._other_runtime else "")
 
     @property
     def label(self) -> str:
-        return f"{self.stage} ({self.format} {self.precision})"
+        return f"{self.stage} ({self.format} {self.precision})" + (f" on {self.runs_on}" if self._other_runtime else "")
 
 
 def _ref(record: StageRecord, role: str, why: str) -> ArtifactRef:
@@ -178,7 +196,8 @@ def deployable(upstream: list[StageRecord]) -> ArtifactRef | None:
                     f"Stage '{record.name}' picked {pick['stage']}/{pick['role']} to deploy, but that artifact is "
                     f"not in this run: re-run the pipeline with --force {record.name}."
                 )
-            return _ref(chosen, pick["role"], f"picked by the {record.name} stage: {pick['reason']}")
+            why = f"picked by the {record.name} stage: {pick['reason']}"
+            return replace(_ref(chosen, pick["role"], why), runtime=pick.get("runtime"))
     newest_onnx = next(  # in a stage that wrote both, INT8
         (
             _ref(r, role, "the newest ONNX model (no stage picked one)")

@@ -10,7 +10,7 @@ Over gRPC, or against TorchServe (which reports no input shape, so give it):
 
     DEPLOYKIT_PROTOCOL=grpc DEPLOYKIT_GRPC_URL=127.0.0.1:8001 DEPLOYKIT_MODEL=resnet18 \\
         locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 30s
-    DEPLOYKIT_PROTOCOL=torchserve DEPLOYKIT_INPUT_SHAPE=3,224,224 DEPLOYKIT_MODEL=resnet18 \\
+    DEPLOYKIT_ENGINE=torchserve DEPLOYKIT_INPUT_SHAPE=3,224,224 DEPLOYKIT_MODEL=resnet18 \\
         locust -f loadtests/locustfile.py --host http://127.0.0.1:8080
 
 Optional: DEPLOYKIT_SAMPLES_IN=inputs.npy (real (N, C, H, W) float32 inputs to cycle through) and

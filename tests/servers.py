@@ -13,7 +13,7 @@ import torch
 from deploykit.package.torchserve_archive import write_torchserve_archive
 from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
 from deploykit.serve.process import free_port
-from deploykit.serve.torchserve import TorchServeServer
+from deploykit.serve.server import Server, free_ports, make_server
 from deploykit.serve.triton import TritonServer, find_triton
 
 SAMPLE = (3, 8, 8)
@@ -61,7 +61,7 @@ def portable_options(**fields) -> TritonModelOptions:
 class Served:
     """A running server as tests use it."""
 
-    server: object
+    server: Server
     http_url: str
     grpc_url: str | None
     metrics_url: str
@@ -75,27 +75,27 @@ def start_triton(repo: Path, **kwargs) -> TritonServer:
 
 
 @contextmanager
+def serving(server: Server, onnx: Path) -> Iterator[Served]:
+    """Start `server` (serving the tiny model) and stop it after the block, whatever its engine."""
+    server.start()
+    try:
+        yield Served(server, server.infer_url, server.grpc_url, server.metrics_url, NAME, onnx)
+    finally:
+        server.stop()
+
+
+@contextmanager
 def triton_with_tiny(tmp: Path, **options) -> Iterator[Served]:
     onnx = export_tiny(tmp / "tiny.onnx")
     write_triton_model(tmp / "repo", NAME, onnx, portable_options(**options))
-    server = start_triton(tmp / "repo", log_path=tmp / "triton.log")
-    try:
-        e = server.endpoints
-        yield Served(server, e["http"], e["grpc"], e["metrics"], NAME, onnx)
-    finally:
-        server.stop()
+    with serving(make_server("triton", tmp / "repo", ports=free_ports("triton"), log_dir=tmp), onnx) as served:
+        yield served
 
 
 @contextmanager
 def torchserve_with_tiny(tmp: Path) -> Iterator[Served]:
     onnx = export_tiny(tmp / "tiny.onnx")
     write_torchserve_archive(onnx, tmp / "store", NAME, batch_size=4, max_batch_delay_ms=5, threads=1)
-    inference, management, metrics = ports()
-    server = TorchServeServer(
-        tmp / "store", inference_port=inference, management_port=management, metrics_port=metrics, log_dir=tmp / "logs"
-    ).start()
-    try:
-        e = server.endpoints
-        yield Served(server, e["inference"], None, e["metrics"], NAME, onnx)
-    finally:
-        server.stop()
+    server = make_server("torchserve", tmp / "store", ports=free_ports("torchserve"), log_dir=tmp / "logs")
+    with serving(server, onnx) as served:
+        yield served

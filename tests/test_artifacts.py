@@ -70,7 +70,7 @@ def _chain(runs: Path, int8_wins: bool) -> dict[str, dict]:
         {"stage": "export", "parity_batch_sizes": [1], "max_batch": 4},
         {"stage": "quantize", "calibration_samples": 16, "latency_rounds": 1, "latency_window_s": 0.02,
          "latency_threads": 1, "parity_samples": 16, **guard},
-        {"stage": "benchmark", **BENCH_FAST, "isolate": False, "threads": 1},
+        {"stage": "benchmark", **BENCH_FAST, "isolate": False, "threads": 1, "select": False},
         {"stage": "deploy", "duration_s": 0, "triton": {"threads": 1}},
         {"stage": "report"},
     ]  # fmt: skip

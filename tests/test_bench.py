@@ -246,15 +246,17 @@ def test_benchmark_has_one_entry_per_artifact_and_batch(bench_run):
         ("train (torch fp32)", 4),
         ("stub_export (onnx fp32)", 1),
         ("stub_export (onnx fp32)", 4),
+        ("stub_export (onnx fp32) on openvino", 1),  # the same file, timed on the other runtime
+        ("stub_export (onnx fp32) on openvino", 4),
     ]
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert r["throughput"] > 0 and 0.0 <= r["accuracy"] <= 1.0 and r["size_bytes"] > 10_000
         assert len(r["load_avg_before"]) == 3 and len(r["load_avg_after"]) == 3
         assert r["params"] > 1000 and r["macs"] > 1000  # the ONNX model inherits the exported model's counts
-        assert r["isolated"] and r["peak_rss_mb"] > 10 and r["runtime"] in ("torch-fp32", "ort-fp32")
+        assert r["isolated"] and r["peak_rss_mb"] > 10 and r["runtime"] in ("torch-fp32", "ort-fp32", "ov-fp32")
         assert r["omp_wait_policy"] == "PASSIVE"  # it reached the worker process
-    assert [r["runtime"] for r in rows[::2]] == ["torch-fp32", "ort-fp32"]
+    assert [r["runtime"] for r in rows[::2]] == ["torch-fp32", "ort-fp32", "ov-fp32"]
     assert report["baseline"] == "train (torch fp32)"
     assert rows[0]["speedup"] == 1.0 and rows[2]["speedup"] > 0
 
@@ -270,7 +272,7 @@ def test_benchmark_records_machine_versions_and_skips_tensorrt(bench_run):
     table = (directory / "benchmark.md").read_text()
     assert "| Artifact | Batch | P50 ms |" in table and "stub_tensorrt (tensorrt fp16) skipped" in table
     meta = json.loads((directory / "meta.json").read_text())
-    assert meta["artifacts"]["benchmark"]["path"] == "benchmark.json" and len(meta["metrics"]["results"]) == 4
+    assert meta["artifacts"]["benchmark"]["path"] == "benchmark.json" and len(meta["metrics"]["results"]) == 6
 
 
 def test_benchmark_without_models_upstream_says_what_to_add(tmp_path):
@@ -293,3 +295,54 @@ def test_benchmark_config_is_strict():
         tiny_pipeline(Path("runs"), [{"stage": "benchmark", "include": ["tflite"]}])
     with pytest.raises(DeploykitError, match="omp_wait_policy"):
         tiny_pipeline(Path("runs"), [{"stage": "benchmark", "isolate": False, "omp_wait_policy": "passive"}])
+    with pytest.raises(DeploykitError, match="select_batch 8 is not one of batch_sizes"):
+        tiny_pipeline(Path("runs"), [{"stage": "benchmark", "batch_sizes": [1, 4], "select_batch": 8}])
+
+
+# ---- selection by measurement ---------------------------------------------------------------------------
+
+
+def _row(key: str, fmt: str, precision: str, p50: float | None, accuracy: float | None, batch: int = 1) -> dict:
+    return {"key": key, "artifact": key, "format": fmt, "precision": precision, "p50_ms": p50, "accuracy": accuracy,
+            "batch": batch}  # fmt: skip
+
+
+def test_selection_picks_the_fastest_servable_candidate_within_the_accuracy_budget():
+    from deploykit.bench.select import select_fastest
+
+    rows = [
+        _row("train/checkpoint", "torch", "fp32", 1.0, 0.95),  # fastest, but eager torch is not served
+        _row("export/onnx", "onnx", "fp32", 10.0, 0.95),
+        _row("quantize/onnx_int8", "onnx", "int8", 4.0, 0.945),
+        _row("quantize/onnx_int8@openvino", "onnx", "int8", 3.0, 0.945),
+        _row("openvino/openvino_int8", "openvino", "int8", 2.0, 0.90),  # fastest servable, but 5 points lost
+        _row("export/onnx", "onnx", "fp32", 0.5, 0.95, batch=16),  # another batch size: not compared
+    ]
+    chosen = select_fastest(rows, batch=1, max_accuracy_drop=1.0)
+    assert chosen["pick"]["key"] == "quantize/onnx_int8@openvino"
+    assert chosen["runner_up"]["key"] == "quantize/onnx_int8" and chosen["ratio"] == pytest.approx(4.0 / 3.0)
+    assert chosen["rejected"] == [{"key": "openvino/openvino_int8", "reason": "loses 5.00 points (budget 1)"}]
+    assert [r["key"] for r in chosen["ranked"]] == ["quantize/onnx_int8@openvino", "quantize/onnx_int8", "export/onnx"]
+    assert "1.33x faster than quantize/onnx_int8" in chosen["reason"]
+    # Without a budget the lossy one wins; with no servable row there is no pick.
+    assert select_fastest(rows, 1, None)["pick"]["key"] == "openvino/openvino_int8"
+    assert select_fastest(rows[:1], 1, 1.0) is None
+
+
+def test_selection_without_measured_accuracy_applies_no_budget():
+    from deploykit.bench.select import select_fastest
+
+    rows = [_row("export/onnx", "onnx", "fp32", 10.0, None), _row("quantize/onnx_int8", "onnx", "int8", 4.0, None)]
+    chosen = select_fastest(rows, 1, 1.0)
+    assert chosen["pick"]["key"] == "quantize/onnx_int8" and "no accuracy budget" in chosen["reason"]
+
+
+def test_the_benchmark_pick_is_its_own_fastest_row_and_the_deployable_one(bench_run):
+    report, directory = bench_run
+    ranked = report["selection"]["ranked"]
+    at_1 = {r["key"]: r["p50_ms"] for r in report["results"] if r["batch"] == 1 and r["format"] == "onnx"}
+    assert [r["key"] for r in ranked] == sorted(at_1, key=at_1.get)  # the rows it measured, fastest first
+    assert {r["key"] for r in report["results"] if r["deployable"]} == {ranked[0]["key"]}
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["deployable"]["stage"] == "stub_export" and meta["deployable"]["role"] == "onnx"
+    assert meta["deployable"]["runtime"] == ("openvino" if ranked[0]["key"].endswith("@openvino") else "onnxruntime")

@@ -122,3 +122,65 @@ def test_schema_lists_stages_and_knobs():
     text = json.dumps(schema)
     assert "TrainEntry" in text and "label_smoothing" in text and "warmup_cosine" in text
     assert schema["required"] == ["name", "stages"]
+
+
+# ---- stages with one settings model per method (quantize, prune) ---------------------------------------------
+
+METHODS = GOOD + """\
+  - stage: prune
+  - stage: export
+  - stage: quantize
+"""  # the prune stage is on line 14, quantize on line 16
+
+
+def test_an_omitted_method_is_ptq_and_structured(tmp_path):
+    from deploykit.stages.prune import StructuredSettings
+    from deploykit.stages.quantize import PtqSettings
+
+    stages = load_pipeline(write(tmp_path, METHODS)).stages
+    prune, quantize = stages[1].settings(), stages[3].settings()
+    assert type(prune) is StructuredSettings and prune.method == "structured" and prune.target_macs_ratio == 0.5
+    assert type(quantize) is PtqSettings and quantize.method == "ptq" and quantize.calibrate_method == "minmax"
+
+
+def test_a_chosen_method_gets_its_own_settings(tmp_path):
+    from deploykit.stages.quantize import DynamicSettings
+
+    text = METHODS.replace("  - stage: quantize\n", "  - stage: quantize\n    method: dynamic\n    per_channel: false\n")
+    settings = load_pipeline(write(tmp_path, text)).stages[3].settings()
+    assert type(settings) is DynamicSettings and settings.per_channel is False
+    assert "percentile" not in settings.model_dump()
+
+
+def test_a_key_of_another_method_names_the_method_and_line(tmp_path):
+    text = METHODS.replace("  - stage: quantize\n", "  - stage: quantize\n    method: dynamic\n    percentile: 99.9\n")
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(f"{tmp_path / 'p.yaml'}:18: stages[3]: unknown key 'percentile' for method 'dynamic'; ")
+    assert "setting of ptq" in msg and "\n" not in msg and "Traceback" not in msg
+    msg = error_of(tmp_path, METHODS.replace("  - stage: prune\n", "  - stage: prune\n    sparsity: 0.7\n"))
+    assert "p.yaml:15: stages[1]: unknown key 'sparsity' for method 'structured'" in msg and "unstructured" in msg
+
+
+def test_a_misspelt_key_or_method_of_a_stage_with_methods(tmp_path):
+    msg = error_of(tmp_path, METHODS.replace("  - stage: quantize\n", "  - stage: quantize\n    percentil: 99.9\n"))
+    assert "p.yaml:17: stages[3]: unknown key 'percentil' for method 'ptq'; did you mean 'percentile'?" in msg
+    msg = error_of(tmp_path, METHODS.replace("  - stage: quantize\n", "  - stage: quantize\n    method: dynamc\n"))
+    assert "p.yaml:17: stages[3].method: unknown method 'dynamc' for stage quantize; did you mean 'dynamic'?" in msg
+
+
+def test_errors_inside_a_method_drop_both_tags(tmp_path):
+    msg = error_of(tmp_path, METHODS.replace("  - stage: quantize\n", "  - stage: quantize\n    percentile: 200\n"))
+    assert "p.yaml:17: stages[3].percentile: input should be less than or equal to 100 (got 200)." in msg
+    text = METHODS.replace("  - stage: prune\n", "  - stage: prune\n    pruning_ratio: 0.3\n    target_macs_ratio: 0.4\n")
+    msg = error_of(tmp_path, text)
+    assert "p.yaml:14: stages[1]: set only one of" in msg and "not pruning_ratio and target_macs_ratio" in msg
+
+
+def test_schema_has_each_methods_own_keys():
+    defs = json_schema()["$defs"]
+    keys = {name: set(model["properties"]) for name, model in defs.items() if name.endswith("Entry")}
+    assert "calibrate_method" in keys["QuantizePtqEntry"] and "calibrate_method" not in keys["QuantizeDynamicEntry"]
+    assert "qat" in keys["QuantizeQatEntry"] and "qat" not in keys["QuantizePt2eEntry"]
+    assert "max_accuracy_drop" in keys["QuantizeDynamicEntry"] and "stage" in keys["QuantizeDynamicEntry"]
+    assert "sparsity" in keys["PruneUnstructuredEntry"] and "sparsity" not in keys["PruneStructuredEntry"]
+    assert "importance" in keys["PruneStructuredEntry"] and "importance" not in keys["PruneUnstructuredEntry"]

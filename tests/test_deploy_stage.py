@@ -38,7 +38,7 @@ def test_deploy_serves_validates_and_stops(deployed):
     assert validation["passed"] and validation["loadtest"]["verdict"]["passed"]
     config = (run / "deploy" / "model_repo" / "tiny" / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and "EXECUTION_ENV_PATH" in config
-    log = (run / "deploy" / "server.log").read_text()
+    log = (run / "deploy" / "server-logs" / "tritonserver.log").read_text()
     assert "Started HTTPService at 127.0.0.1:" in log
     port = log.split("Started HTTPService at 127.0.0.1:")[1].split('"')[0]
     assert http_status(f"http://127.0.0.1:{port}/v2/health/live") is None  # stopped with the stage

@@ -85,7 +85,7 @@ def test_torchserve_run_and_its_server_split(torchserve, tmp_path):
         users=2,
         spawn_rate=2,
         duration_s=3,
-        protocol="torchserve",
+        engine="torchserve",
         input_shape=(3, 8, 8),
         metrics_url=torchserve.metrics_url,
         workdir=tmp_path,
@@ -109,12 +109,16 @@ def test_mistakes_are_refused_before_locust_starts(triton, torchserve, tmp_path)
     with pytest.raises(DeploykitError, match=r"shape \(1, 8, 8\) per sample but model 'tiny' takes \(3, 8, 8\)"):
         run_locust(triton.http_url, "tiny", samples=wrong, **common)
     with pytest.raises(DeploykitError, match="Model .nope. is not registered on TorchServe"):
-        run_locust(torchserve.http_url, "nope", protocol="torchserve", input_shape=(3, 8, 8), **common)
+        run_locust(torchserve.http_url, "nope", engine="torchserve", input_shape=(3, 8, 8), **common)
     with pytest.raises(DeploykitError, match="need input_shape"):
-        run_locust(torchserve.http_url, "tiny", protocol="torchserve", **common)
+        run_locust(torchserve.http_url, "tiny", engine="torchserve", **common)
+    with pytest.raises(DeploykitError, match="Protocol 'grpc' is not one torchserve speaks here: use http"):
+        run_locust(torchserve.http_url, "tiny", engine="torchserve", protocol="grpc", **common)
+    with pytest.raises(DeploykitError, match="Engine 'kserve' is unknown: use one of triton, torchserve"):
+        run_locust(triton.http_url, "tiny", engine="kserve", **common)
     with pytest.raises(DeploykitError, match="duration_s=1.5 leaves less than 1 s after the 1 s warm-up"):
         run_locust(triton.http_url, "tiny", **{**common, "duration_s": 1.5})
-    with pytest.raises(DeploykitError, match="Protocol 'kserve' is unknown"):
+    with pytest.raises(DeploykitError, match="Protocol 'kserve' is not one triton speaks here: use http or grpc"):
         run_locust(triton.http_url, "tiny", protocol="kserve", **common)
     assert not (tmp_path / "locust.log").exists()  # every mistake was caught before locust ran
 
@@ -132,7 +136,7 @@ def test_loadtest_writes_results_plot_and_a_failing_verdict(triton, tmp_path):
     )
     saved = json.loads((tmp_path / "loadtest.json").read_text())
     assert saved == json.loads(json.dumps(result, default=str))
-    assert set(saved) == {"model", "url", "protocol", "settings", "machine", "levels", "verdict"}
+    assert set(saved) == {"model", "url", "engine", "protocol", "settings", "machine", "levels", "verdict"}
     assert [level["users"] for level in saved["levels"]] == [1, 2]  # sorted, the highest judged
     assert all(level["server"]["requests"] > 0 for level in saved["levels"])
     assert saved["machine"]["cores"] == os.cpu_count() and saved["settings"]["users"] == [1, 2]
@@ -184,18 +188,22 @@ def _locust_list(**env: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "protocol, user", [("http", "TritonHttpUser"), ("grpc", "TritonGrpcUser"), ("torchserve", "TorchServeUser")]
+    "engine, protocol, user",
+    [("triton", "http", "TritonHttpUser"), ("triton", "grpc", "TritonGrpcUser"), ("torchserve", "http", "TorchServeUser")],
 )
-def test_standalone_locustfile_runs_the_protocols_user_only(protocol, user):
-    out = _locust_list(DEPLOYKIT_PROTOCOL=protocol, DEPLOYKIT_MODEL="tiny", DEPLOYKIT_INPUT_SHAPE="3,8,8")
+def test_standalone_locustfile_runs_the_protocols_user_only(engine, protocol, user):
+    env = {"DEPLOYKIT_ENGINE": engine, "DEPLOYKIT_PROTOCOL": protocol, "DEPLOYKIT_INPUT_SHAPE": "3,8,8"}
+    out = _locust_list(DEPLOYKIT_MODEL="tiny", **env)
     assert out.returncode == 0 and out.stdout.split("Available Users:")[1].split() == [user]
 
 
 def test_standalone_locustfile_refuses_bad_settings():
-    out = _locust_list(DEPLOYKIT_PROTOCOL="torchserve", DEPLOYKIT_MODEL="tiny", DEPLOYKIT_INPUT_SHAPE="3x8")
+    out = _locust_list(DEPLOYKIT_ENGINE="torchserve", DEPLOYKIT_MODEL="tiny", DEPLOYKIT_INPUT_SHAPE="3x8")
     assert out.returncode == 1 and "DEPLOYKIT_INPUT_SHAPE='3x8' is not a shape" in out.stderr
     out = _locust_list(DEPLOYKIT_PROTOCOL="kserve", DEPLOYKIT_MODEL="tiny")
-    assert out.returncode == 1 and "DEPLOYKIT_PROTOCOL='kserve' is unknown" in out.stderr
+    assert out.returncode == 1 and "Protocol 'kserve' is not one triton speaks here" in out.stderr
+    out = _locust_list(DEPLOYKIT_ENGINE="torchserve", DEPLOYKIT_PROTOCOL="grpc", DEPLOYKIT_MODEL="tiny")
+    assert out.returncode == 1 and "Protocol 'grpc' is not one torchserve speaks here" in out.stderr
 
 
 def test_a_locust_past_its_time_limit_is_stopped(triton, tmp_path, monkeypatch):

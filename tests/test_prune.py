@@ -185,17 +185,24 @@ def test_unstructured_reaches_the_sparsity_and_leaves_a_plain_dense_model(digits
 # -- the stage -------------------------------------------------------------------------------------------
 
 
-def test_config_refuses_settings_of_the_other_method_and_two_goals() -> None:
-    from deploykit.stages.prune import PruneConfig
+def test_each_method_has_its_own_settings_and_one_goal() -> None:
+    from pydantic import TypeAdapter, ValidationError
 
-    assert PruneConfig().target_macs_ratio == 0.5
-    assert PruneConfig(pruning_ratio=0.3).target_macs_ratio is None
-    with pytest.raises(ValueError, match="sparsity does not apply to method structured"):
-        PruneConfig(sparsity=0.7)
-    with pytest.raises(ValueError, match="round_to does not apply to method unstructured"):
-        PruneConfig(method="unstructured", round_to=4)
+    from deploykit.pipeline.registry import method_variants
+    from deploykit.stages.prune import _PRUNERS, PruneStage, StructuredSettings, UnstructuredSettings
+
+    config = TypeAdapter(PruneStage.Config)
+    assert set(_PRUNERS) == set(method_variants(PruneStage.Config).values())  # every method has a pruner
+    assert type(config.validate_python({})) is StructuredSettings  # no method: structured
+    assert type(config.validate_python({"method": "unstructured"})) is UnstructuredSettings
+    assert StructuredSettings().target_macs_ratio == 0.5
+    assert StructuredSettings(pruning_ratio=0.3).target_macs_ratio is None
+    with pytest.raises(ValidationError, match="structured.sparsity"):
+        config.validate_python({"sparsity": 0.7})
+    with pytest.raises(ValidationError, match="unstructured.round_to"):
+        config.validate_python({"method": "unstructured", "round_to": 4})
     with pytest.raises(ValueError, match="not pruning_ratio and target_params_ratio"):
-        PruneConfig(pruning_ratio=0.3, target_params_ratio=0.5)
+        StructuredSettings(pruning_ratio=0.3, target_params_ratio=0.5)
 
 
 def test_prune_stage_in_a_pipeline(in_tmp: Path) -> None:

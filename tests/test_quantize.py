@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from deploykit.artifacts import StageRecord
@@ -22,11 +22,13 @@ from deploykit.export import export_onnx
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.engine import run_pipeline
 from deploykit.pipeline.loader import parse_pipeline
+from deploykit.pipeline.registry import method_variants
 from deploykit.progress import silent
 from deploykit.runtime import ort_session
-from deploykit.stages.quantize import QuantizeConfig, QuantizeStage
+from deploykit.stages.quantize import _METHODS, DynamicSettings, PtqSettings, QatSettings, QuantizeStage
 
 FAST = {"latency_threads": 1, "latency_rounds": 1, "latency_window_s": 0.02, "parity_samples": 128}
+CONFIG = TypeAdapter(QuantizeStage.Config)  # settings as a pipeline entry gives them: the model of their method
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +66,7 @@ def run_stage(run, tmp_path, upstream, **settings):
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir(parents=True)
     ctx = StageContext(run.cfg, "quantize", out, work, list(upstream), silent(), {"bundle": run.bundle})
-    result = QuantizeStage(QuantizeConfig(**{**FAST, **settings})).run(ctx)
+    result = QuantizeStage(CONFIG.validate_python({**FAST, **settings})).run(ctx)
     assert result.artifacts == {"onnx_int8": "model.int8.onnx", "quant_report": "quantize.json"}
     assert json.loads((out / "quantize.json").read_text())["deployable"] == result.metrics["deployable"]
     assert f"{result.deployable.stage}/{result.deployable.role}" == result.metrics["deployable"]
@@ -146,14 +148,18 @@ def test_missing_onnx_upstream_is_a_clear_error(in_tmp):
     assert not (in_tmp / "runs/no-export/quantize").exists()
 
 
-def test_settings_of_another_method_are_refused():
-    with pytest.raises(ValidationError, match="calibrate_method does not apply to method 'pt2e'"):
-        QuantizeConfig(method="pt2e", calibrate_method="entropy")
-    with pytest.raises(ValidationError, match="qat does not apply"):
-        QuantizeConfig(qat={"epochs": 1})
-    with pytest.raises(ValidationError):
-        QuantizeConfig(calibration_sample=10)  # typo: extra keys are forbidden
-    assert QuantizeConfig(method="qat", qat={"epochs": 1}).qat.epochs == 1
+def test_each_method_has_its_own_settings():
+    assert type(CONFIG.validate_python({})) is PtqSettings  # no method: ptq
+    assert type(CONFIG.validate_python({"method": "dynamic"})) is DynamicSettings
+    with pytest.raises(ValidationError, match="pt2e.calibrate_method"):
+        CONFIG.validate_python({"method": "pt2e", "calibrate_method": "entropy"})
+    with pytest.raises(ValidationError, match="ptq.qat"):
+        CONFIG.validate_python({"qat": {"epochs": 1}})
+    with pytest.raises(ValidationError, match="calibration_sample"):
+        CONFIG.validate_python({"calibration_sample": 10})  # typo: extra keys are forbidden
+    assert CONFIG.validate_python({"method": "qat", "qat": {"epochs": 1}}).qat.epochs == 1
+    assert QatSettings().qat.epochs == 2 and not hasattr(DynamicSettings(), "calibration_samples")
+    assert set(_METHODS) == set(method_variants(QuantizeStage.Config).values())  # every method has a handler
 
 
 # ---- dynamic ---------------------------------------------------------------------------------------------

@@ -109,7 +109,8 @@ def full_run(tmp_path_factory):
         {"stage": "stub_export"},
         {"stage": "stub_quantize"},  # its guard keeps the FP32 ONNX
         {"stage": "stub_tensorrt"},
-        {"stage": "benchmark", **BENCH_FAST, "isolate": False},
+        # The earlier stage's pick stands (no selection), and ONNX runs on ONNX Runtime only: rows stay fixed.
+        {"stage": "benchmark", **BENCH_FAST, "isolate": False, "select": False, "onnx_runtimes": ["onnxruntime"]},
         {"stage": "report", "slo": {"max_size_mb": 0.5}},
     ]
     run_pipeline(tiny_pipeline(runs, stages, description=EVIL))
@@ -228,3 +229,25 @@ def test_histories_include_nested_training_steps():
 def test_report_config_validates_the_task():
     with pytest.raises(DeploykitError, match="slo_task"):
         tiny_pipeline(Path("runs"), [{"stage": "report", "slo_task": "face_detection"}])
+
+
+def test_pareto_front_keeps_only_the_undominated_artifacts(tmp_path):
+    from deploykit.report.content import tradeoff_points
+    from deploykit.report.plots import plot_tradeoff
+
+    def row(name, p50, acc, mb):
+        return {"artifact": name, "p50_ms": p50, "accuracy": acc, "size_bytes": mb * 1e6}
+
+    rows = [
+        row("torch fp32", 20.0, 0.95, 4.0),  # slower, as accurate, bigger than onnx fp32: dominated
+        row("onnx fp32", 10.0, 0.95, 4.0),
+        row("onnx int8", 4.0, 0.94, 1.0),  # faster and smaller, a little less accurate: on the front
+        row("ov int8", 4.0, 0.94, 1.2),  # as fast and accurate as onnx int8 but bigger: dominated
+        {"artifact": "trt", "p50_ms": None, "accuracy": None, "size_bytes": 1},  # not measured: not a point
+    ]
+    points = tradeoff_points(rows)
+    assert {p.label: p.on_front for p in points} == {
+        "torch fp32": False, "onnx fp32": True, "onnx int8": True, "ov int8": False,
+    }  # fmt: skip
+    plot_tradeoff(points, tmp_path / "t.png", "P50 ms", slo_latency_ms=10.0)
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -103,6 +103,8 @@ def test_portable_config_has_every_field():
     assert {k: v.string_value for k, v in config.parameters.items()} == {
         "intra_op_thread_count": "2",
         "EXECUTION_ENV_PATH": "/envs/triton",
+        "runtime": "onnxruntime",  # what model.py opens the file with
+        "model_file": "model.onnx",
     }
     warmups = {w.name: (w.batch_size, w.inputs["input"]) for w in config.model_warmup}
     assert sorted(warmups) == ["zeros_b1", "zeros_b8"]
@@ -328,24 +330,32 @@ def fake_pb_utils():
     )
 
 
-def test_python_model_serves_a_written_repository(onnx_file, tmp_path, monkeypatch):
-    pb = fake_pb_utils()
-    monkeypatch.setattr(tpm, "pb_utils", pb)
-    repo = tmp_path / "repo"
-    version = write_triton_model(repo, "digits", onnx_file, TritonModelOptions(threads=1))
-    config = parse((repo / "digits" / "config.pbtxt").read_text())
+def _initialized(repo: Path, version: Path, name: str = "digits") -> tpm.TritonPythonModel:
+    """model.py initialised as Triton's python backend would, on a written repository."""
+    config = parse((repo / name / "config.pbtxt").read_text())
     args = {
         "model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
-        "model_repository": str(repo / "digits"),
+        "model_repository": str(repo / name),
         "model_version": version.name,
         "model_instance_kind": "CPU",
     }
     model = tpm.TritonPythonModel()
     model.initialize(args)
-    assert model.session.get_providers() == ["CPUExecutionProvider"]
+    return model
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_python_model_serves_a_written_repository(onnx_file, tmp_path, monkeypatch, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")
+    pb = fake_pb_utils()
+    monkeypatch.setattr(tpm, "pb_utils", pb)
+    repo = tmp_path / "repo"
+    version = write_triton_model(repo, "digits", onnx_file, TritonModelOptions(threads=1, runtime=runtime))
+    model = _initialized(repo, version)
     runs = []
-    real_run = model.session.run
-    monkeypatch.setattr(model.session, "run", lambda names, feed: runs.append(1) or real_run(names, feed))
+    real_run = model._run
+    model._run = lambda feed: runs.append(1) or real_run(feed)
 
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((n, 3, 4, 4)).astype(np.float32) for n in (1, 2)]
@@ -355,12 +365,36 @@ def test_python_model_serves_a_written_repository(onnx_file, tmp_path, monkeypat
         {"input": pb.Tensor("input", xs[1])},
     ]
     responses = model.execute(requests)
-    assert len(runs) == 1
+    assert len(runs) == 1  # the two valid requests ran as one batch
     reference = ort.InferenceSession(str(onnx_file))
     for response, x in ((responses[0], xs[0]), (responses[2], xs[1])):
         assert response.error is None
-        np.testing.assert_allclose(response.outputs["logits"], reference.run(None, {"input": x})[0], rtol=1e-6)
+        np.testing.assert_allclose(response.outputs["logits"], reference.run(None, {"input": x})[0], rtol=1e-5)
     assert responses[1].error.code == "INVALID_ARG" and "input 'input' is missing" in responses[1].error.message
+
+
+def test_openvino_ir_is_packaged_with_its_weights_portable_and_native(onnx_file, tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")
+    from deploykit.export.onnx2openvino import convert_onnx
+
+    xml = convert_onnx(onnx_file, tmp_path / "ir" / "model.xml")
+    monkeypatch.setattr(tpm, "pb_utils", fake_pb_utils())
+    repo = tmp_path / "repo"
+    version = write_triton_model(repo, "digits", xml, TritonModelOptions(threads=1))
+    assert sorted(p.name for p in version.iterdir()) == ["model.bin", "model.py", "model.xml"]
+    config = parse((repo / "digits" / "config.pbtxt").read_text())
+    assert config.parameters["runtime"].string_value == "openvino"  # an IR runs on OpenVINO whatever was asked
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 4, 4])] and config.max_batch_size == 8
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    (response,) = _initialized(repo, version).execute([{"input": tpm.pb_utils.Tensor("input", x)}])
+    np.testing.assert_allclose(response.outputs["logits"], ort.InferenceSession(str(onnx_file)).run(None, {"input": x})[0], rtol=1e-5)
+    native = write_triton_model(tmp_path / "native", "digits", xml, TritonModelOptions(flavour="native", threads=2))
+    config = parse((tmp_path / "native" / "digits" / "config.pbtxt").read_text())
+    assert (config.backend, config.default_model_filename) == ("openvino", "model.xml")
+    assert config.parameters["INFERENCE_NUM_THREADS"].string_value == "2"
+    assert sorted(p.name for p in native.iterdir()) == ["model.bin", "model.xml"]
+    onnx_on_ov = parse(render_config("digits", IO, TritonModelOptions(flavour="native", runtime="openvino"), "openvino"))
+    assert (onnx_on_ov.backend, onnx_on_ov.default_model_filename) == ("openvino", "model.onnx")
 
 
 def test_spinning_is_opt_in_and_reaches_the_portable_session_only():

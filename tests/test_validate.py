@@ -23,7 +23,7 @@ def test_triton_deployment_passes_every_check_and_the_slo(triton, tmp_path):
     # loose bars: 2 shared cores, and this test is about the checks, not the speed
     slo = custom_slo("image_classification", max_latency_ms=100.0, min_throughput=5.0)
     result = validate_server(
-        triton.http_url, triton.model, out_dir=tmp_path, onnx_path=triton.onnx, samples=samples,
+        triton.http_url, triton.model, out_dir=tmp_path, model_path=triton.onnx, samples=samples,
         grpc_url=triton.grpc_url, metrics_url=triton.metrics_url, users=[2], duration_s=4, slo=slo, size_mb=0.01,
     )  # fmt: skip
     checks = by_name(result)
@@ -42,7 +42,7 @@ def test_triton_deployment_passes_every_check_and_the_slo(triton, tmp_path):
 
 def test_torchserve_deployment_passes_checks(torchserve, tmp_path):
     result = validate_server(
-        torchserve.http_url, torchserve.model, out_dir=tmp_path, engine="torchserve", onnx_path=torchserve.onnx,
+        torchserve.http_url, torchserve.model, out_dir=tmp_path, engine="torchserve", model_path=torchserve.onnx,
         metrics_url=torchserve.metrics_url, duration_s=0,
     )  # fmt: skip
     checks = by_name(result)
@@ -58,7 +58,7 @@ def test_a_wrong_reference_model_and_an_impossible_slo_fail(triton, tmp_path):
     other = export_tiny(tmp_path / "other.onnx", seed=5)  # not the model being served
     slo = custom_slo("image_classification", max_latency_ms=0.001)
     result = validate_server(
-        triton.http_url, triton.model, out_dir=tmp_path, onnx_path=other, users=1, duration_s=4, slo=slo,
+        triton.http_url, triton.model, out_dir=tmp_path, model_path=other, users=1, duration_s=4, slo=slo,
         size_mb=0.01,
     )  # fmt: skip
     checks = by_name(result)

@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploykit.artifacts import StageRecord, model_kind
+from deploykit.artifacts import ArtifactRef, StageRecord, model_kind
 from deploykit.errors import DeploykitError
 
 
-@dataclass
-class Target:
-    """One model file to benchmark, as upstream published it."""
+@dataclass(frozen=True, kw_only=True)
+class Target(ArtifactRef):
+    """One model file to benchmark, with the size and counts its stage published."""
 
-    stage: str
-    role: str
-    format: str  # torch, onnx or tensorrt
-    precision: str
-    path: Path  # what runtime.open_artifact takes: a model directory for torch, the file otherwise
     size_bytes: int
     params: int | None
     macs: int | None
-    sha256: str
 
     @property
-    def label(self) -> str:
-        return f"{self.stage} ({self.format} {self.precision})"
-
-    @property
-    def key(self) -> str:
-        return f"{self.stage}/{self.role}"
+    def model_path(self) -> Path:
+        """What runtime.open_artifact takes: the model directory for torch, the file otherwise."""
+        return self.path.parent if self.format == "torch" else self.path
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -44,11 +36,15 @@ class Target:
             "params": self.params,
             "macs": self.macs,
             "sha256": self.sha256,
+            "runs_on": self.runs_on,
         }
 
 
-def discover(upstream: list[StageRecord], include: list[str] | None = None) -> list[Target]:
-    """Every model artifact upstream, in pipeline order, with the stats its stage published; `include` limits the roles."""
+def discover(
+    upstream: list[StageRecord], include: list[str] | None = None, onnx_runtimes: tuple[str, ...] = ("onnxruntime",)
+) -> list[Target]:
+    """Every model artifact upstream, in pipeline order, with the stats its stage published; `include` limits the
+    roles. ONNX files appear once per runtime in `onnx_runtimes` (OpenVINO runs them as they are)."""
     targets: list[Target] = []
     for record in upstream:
         for role, entry in record.meta.get("artifacts", {}).items():
@@ -56,23 +52,40 @@ def discover(upstream: list[StageRecord], include: list[str] | None = None) -> l
             if kind is None or (include is not None and role not in include):
                 continue
             stats = record.stats(role)
-            path = record.directory if kind[0] == "torch" else record.directory / entry["path"]
-            size = stats.bytes or entry["bytes"]
-            targets.append(Target(record.name, role, *kind, path, size, stats.params, stats.macs, entry["sha256"]))
+            for runtime in onnx_runtimes if kind[0] == "onnx" else (None,):
+                targets.append(
+                    Target(
+                        stage=record.name, role=role, path=record.directory / entry["path"], sha256=entry["sha256"],
+                        runtime=runtime, size_bytes=stats.bytes or entry["bytes"], params=stats.params, macs=stats.macs,
+                    )
+                )  # fmt: skip
     return targets
+
+
+def _unavailable(require: Callable[[], Any]) -> str | None:
+    try:
+        require()
+    except DeploykitError as exc:
+        return str(exc)
+    return None
 
 
 def tensorrt_unavailable() -> str | None:
     """Why TensorRT cannot run here (its library or an NVIDIA GPU is missing), or None when it can."""
     from deploykit.runtime import require_tensorrt
 
-    try:
-        require_tensorrt()
-    except DeploykitError as exc:
-        return str(exc)
-    return None
+    return _unavailable(require_tensorrt)
+
+
+def openvino_unavailable() -> str | None:
+    """Why OpenVINO cannot run here (not installed), or None when it can."""
+    from deploykit.runtime.ov_rt import require_openvino
+
+    return _unavailable(require_openvino)
 
 
 def unavailable_reason(target: Target) -> str | None:
     """Why `target` cannot run on this machine, or None."""
-    return tensorrt_unavailable() if target.format == "tensorrt" else None
+    if target.runs_on == "tensorrt":
+        return tensorrt_unavailable()
+    return openvino_unavailable() if target.runs_on == "openvino" else None

@@ -21,7 +21,8 @@ from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_json
 
 # A job is plain JSON so it crosses the process boundary unchanged:
-#   path, batch_sizes, input_shape ([C, H, W]), threads, measure (keyword arguments of measure()),
+#   path, runtime (None: the file's default), batch_sizes, input_shape ([C, H, W]), threads,
+#   measure (keyword arguments of measure()),
 #   accuracy (bool), accuracy_limit, data (the pipeline's data section, to rebuild the validation split).
 
 
@@ -30,7 +31,7 @@ def bench_artifact(job: dict[str, Any], dataset: Any = None) -> dict[str, Any]:
     from deploykit.runtime import evaluate_accuracy, open_artifact
 
     baseline_rss = current_rss_mb()
-    session = open_artifact(Path(job["path"]), threads=job["threads"])
+    session = open_artifact(Path(job["path"]), threads=job["threads"], runtime=job.get("runtime"))
     rng = np.random.default_rng(0)  # latency does not depend on pixel values; the same input for every artifact
     inputs = [rng.standard_normal((batch, *job["input_shape"]), dtype=np.float32) for batch in job["batch_sizes"]]
     measurements = [measure(session, x, **job["measure"]).to_dict() for x in inputs]

@@ -17,7 +17,6 @@ Engine = Annotated[str, typer.Option("--engine", help="triton or torchserve.")]
 Url = Annotated[str, typer.Option("--url", help="The server's HTTP endpoint.")]
 Model = Annotated[str, typer.Option("--model", "-m", help="Model name on the server.")]
 Host = Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the server to the network.")]
-_ENGINE_PORTS = {"triton": (8000, 8001, 8002), "torchserve": (8080, 8081, 8082)}
 
 control = typer.Typer(help="Explicit model control on a running Triton: status, load, unload, roll back.")
 app.add_typer(control, name="control")
@@ -120,22 +119,12 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become ready.")] = 120.0,
 ) -> None:
     """Start a real Triton (or TorchServe) server on a model repository and keep it up until Ctrl-C or SIGTERM."""
-    if engine not in _ENGINE_PORTS:
-        raise DeploykitError(f"Engine '{engine}' is unknown: use triton or torchserve.")
-    defaults = _ENGINE_PORTS[engine]
-    http, grpc, metrics = (p if p is not None else d for p, d in zip((http_port, grpc_port, metrics_port), defaults))
-    if engine == "triton":
-        from deploykit.serve.triton import TritonServer
+    from deploykit.serve.engines import engine_traits
+    from deploykit.serve.server import make_server
 
-        server: Any = TritonServer(
-            model_repo, host=host, http_port=http, grpc_port=grpc, metrics_port=metrics, models=model or None
-        )
-    else:
-        from deploykit.serve.torchserve import TorchServeServer
-
-        server = TorchServeServer(
-            model_repo, host=host, inference_port=http, management_port=grpc, metrics_port=metrics
-        )
+    given = (http_port, grpc_port, metrics_port)  # per engine: its first, second and metrics endpoints
+    ports = {kind: p for kind, p in zip(engine_traits(engine).ports, given) if p is not None}
+    server = make_server(engine, model_repo, host=host, ports=ports, models=model or None)
     server.start(timeout=timeout)
     try:
         table = Table(title=f"{engine} serving {Path(model_repo).resolve()}")
@@ -147,7 +136,7 @@ def serve(
         if engine == "triton":
             _print_model_states(server.control.model_states())
         console.print("Ctrl-C or SIGTERM stops the server.")
-        how = _wait_for_signal(lambda: server.process.running)
+        how = _wait_for_signal(lambda: server.running)
         if how == "exited":
             raise DeploykitError(f"The {engine} server exited on its own; see {server.log_path}.")
         err_console.print(f"{how}: stopping the {engine} server")
@@ -239,7 +228,12 @@ def loadtest(
     users: Users = [1],  # noqa: B006
     spawn_rate: Annotated[float, typer.Option(help="Users started per second.")] = 10.0,
     duration: Duration = 15.0,
-    protocol: Annotated[str, typer.Option(help="http, grpc (Triton) or torchserve.")] = "http",
+    engine: Engine = "triton",
+    client: Annotated[str, typer.Option(help="Load generator: locust, or perf_analyzer (Triton only).")] = "locust",
+    stability: Annotated[
+        float, typer.Option(help="perf_analyzer: % within which three windows in a row must agree.")
+    ] = 10.0,
+    protocol: Annotated[str, typer.Option(help="Transport: http, or grpc (Triton).")] = "http",
     grpc_url: Annotated[str | None, typer.Option(help="gRPC endpoint [host:8001].")] = None,
     metrics_url: Annotated[str | None, typer.Option(help="Prometheus endpoint to scrape before and after.")] = None,
     samples: Annotated[Path | None, typer.Option(help=".npy of real inputs [N, C, H, W] to send.")] = None,
@@ -249,19 +243,35 @@ def loadtest(
     min_throughput: MinThroughput = None,
     out: Out = Path("loadtest"),
 ) -> None:
-    """Run locust headless against a served model; print P50/P95/P99, throughput and the SLO verdict (exit 1 on a breach)."""
-    from deploykit.loadtest.runner import run_loadtest, verdict_table
+    """Load a served model (locust, or Triton's perf_analyzer); print P50/P95/P99, throughput and the SLO verdict
+    (exit 1 on a breach)."""
+    from deploykit.loadtest.runner import levels_table, run_loadtest, verdict_table
     from deploykit.progress import Reporter
 
-    with Reporter() as reporter:
-        result = run_loadtest(
-            url, model, users=users, spawn_rate=spawn_rate, duration_s=duration, protocol=protocol,
-            grpc_url=grpc_url, samples=samples, metrics_url=metrics_url, out_dir=out,
-            slo=_slo(slo, max_latency_ms, min_throughput), size_mb=size_mb, reporter=reporter,
+    target = _slo(slo, max_latency_ms, min_throughput)
+    if client == "perf_analyzer":
+        from deploykit.loadtest.perf_analyzer import perf_loadtest
+
+        if engine != "triton":
+            raise DeploykitError("perf_analyzer speaks Triton's protocols only: use --client locust for TorchServe.")
+        result = perf_loadtest(
+            url, model, users=users, out_dir=out, duration_s=duration, protocol=protocol, grpc_url=grpc_url,
+            samples=samples, slo=target, size_mb=size_mb, stability_percentage=stability,
         )  # fmt: skip
-    console.print(verdict_table(result))
-    console.print(f"results: {out / 'loadtest.json'}")
+    elif client == "locust":
+        with Reporter() as reporter:
+            result = run_loadtest(
+                url, model, users=users, spawn_rate=spawn_rate, duration_s=duration, engine=engine, protocol=protocol,
+                grpc_url=grpc_url, samples=samples, metrics_url=metrics_url, out_dir=out, slo=target,
+                size_mb=size_mb, reporter=reporter,
+            )  # fmt: skip
+    else:
+        raise DeploykitError(f"Client '{client}' is unknown: use locust or perf_analyzer.")
+    console.print(levels_table(result))
     verdict = result.get("verdict")
+    if verdict:
+        console.print(verdict_table(result))
+    console.print(f"results: {out}")
     if verdict and not verdict["passed"]:
         raise typer.Exit(1)
 
@@ -272,7 +282,9 @@ def validate(
     url: Url = "http://127.0.0.1:8000",
     model: Model = "model",
     engine: Engine = "triton",
-    onnx: Annotated[Path | None, typer.Option(help="The offline ONNX model the served outputs must equal.")] = None,
+    onnx: Annotated[
+        Path | None, typer.Option(help="The offline model (.onnx, or an OpenVINO .xml) the served outputs must equal.")
+    ] = None,
     samples: Annotated[Path | None, typer.Option(help=".npy of real inputs [N, C, H, W].")] = None,
     grpc_url: Annotated[str | None, typer.Option(help="Triton's gRPC endpoint, to check gRPC too.")] = None,
     metrics_url: Annotated[str | None, typer.Option(help="Prometheus endpoint.")] = None,
@@ -292,7 +304,7 @@ def validate(
     size_mb = onnx.stat().st_size / 1e6 if onnx and onnx.is_file() else None
     with Reporter() as reporter:
         result = validate_server(
-            url, model, out_dir=out, engine=engine, onnx_path=onnx,
+            url, model, out_dir=out, engine=engine, model_path=onnx,
             samples=np.load(samples) if samples else None, grpc_url=grpc_url, metrics_url=metrics_url,
             users=users, duration_s=duration, slo=_slo(slo, max_latency_ms, min_throughput), size_mb=size_mb,
             reporter=reporter,

@@ -2,7 +2,8 @@
 
 Configured by environment variables, so the same file serves `deploykit loadtest` and a plain `locust -f`:
 
-    DEPLOYKIT_PROTOCOL     http (default) | grpc | torchserve: which user class runs
+    DEPLOYKIT_ENGINE       triton (default) | torchserve: which server the users talk to
+    DEPLOYKIT_PROTOCOL     http (default) | grpc (Triton only): the transport
     DEPLOYKIT_MODEL        the model's name on the server (required)
     DEPLOYKIT_GRPC_URL     gRPC target for `grpc` (default: the --host's hostname, port 8001)
     DEPLOYKIT_INPUT_SHAPE  per-sample input shape for `torchserve`, e.g. "3,16,16" (Triton's come from its metadata)
@@ -25,9 +26,10 @@ import grpc.experimental.gevent
 import numpy as np
 from locust import FastHttpUser, User, events, task
 
+from deploykit.errors import DeploykitError
 from deploykit.files import atomic_path, atomic_write_json
+from deploykit.serve.engines import engine_traits
 from deploykit.serve.oip import (
-    PROTOCOLS,
     TORCHSERVE_INPUT_NAME,
     OipClient,
     binary_infer_body,
@@ -40,14 +42,17 @@ grpc.experimental.gevent.init_gevent()  # before any channel exists, or gRPC cal
 
 __all__ = ["TorchServeUser", "TritonGrpcUser", "TritonHttpUser"]
 
+ENGINE = os.environ.get("DEPLOYKIT_ENGINE", "triton")
 PROTOCOL = os.environ.get("DEPLOYKIT_PROTOCOL", "http")
 MODEL = os.environ.get("DEPLOYKIT_MODEL", "")
 _MAX_BODIES = 32  # requests cycle through at most this many pre-encoded inputs: JSON of a 224x224 image is ~1.5 MB
 _RANDOM_SAMPLES = 8
 
 # Settings are checked at import, so a bad one stops locust with this sentence before any user starts.
-if PROTOCOL not in PROTOCOLS:
-    raise SystemExit(f"DEPLOYKIT_PROTOCOL={PROTOCOL!r} is unknown: set it to one of {', '.join(PROTOCOLS)}.")
+try:
+    engine_traits(ENGINE).check_protocol(PROTOCOL)
+except DeploykitError as e:
+    raise SystemExit(f"DEPLOYKIT_ENGINE={ENGINE!r}, DEPLOYKIT_PROTOCOL={PROTOCOL!r}: {e}") from None
 if not MODEL:
     raise SystemExit("DEPLOYKIT_MODEL is not set: export it as the model's name on the server.")
 
@@ -63,7 +68,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-TORCHSERVE_SHAPE = parse_shape(os.environ.get("DEPLOYKIT_INPUT_SHAPE", "")) if PROTOCOL == "torchserve" else ()
+TORCHSERVE_SHAPE = parse_shape(os.environ.get("DEPLOYKIT_INPUT_SHAPE", "")) if ENGINE == "torchserve" else ()
 
 
 def load_samples(shape: tuple[int, ...]) -> np.ndarray:
@@ -82,7 +87,7 @@ def http_bodies(host: str) -> list[tuple[bytes, dict[str, str]]]:
     """(body, headers) per sample: Triton's binary tensor extension (input from GET /v2/models/<m>), or
     JSON for TorchServe (input from env), whose handler reads the JSON form only."""
     if host not in _bodies:
-        if PROTOCOL == "torchserve":
+        if ENGINE == "torchserve":
             json_headers = {"Content-Type": "application/json"}
             samples = load_samples(TORCHSERVE_SHAPE)
             _bodies[host] = [(oip_body(TORCHSERVE_INPUT_NAME, "FP32", s), json_headers) for s in samples]
@@ -131,7 +136,7 @@ def _write_timings(**_: Any) -> None:
 class TritonHttpUser(FastHttpUser):
     """POST /v2/models/<m>/infer with binary tensor data, back to back (no think time: a closed-loop load)."""
 
-    abstract = PROTOCOL != "http"
+    abstract = (ENGINE, PROTOCOL) != ("triton", "http")
     path = f"/v2/models/{MODEL}/infer"
 
     def on_start(self) -> None:
@@ -146,14 +151,14 @@ class TritonHttpUser(FastHttpUser):
 class TorchServeUser(TritonHttpUser):
     """POST /predictions/<m> with the same OIP JSON body; TorchServe has no metadata, so the shape comes from env."""
 
-    abstract = PROTOCOL != "torchserve"
+    abstract = ENGINE != "torchserve"
     path = f"/predictions/{MODEL}"
 
 
 class TritonGrpcUser(User):
     """tritonclient's gRPC `infer`; locust sees it through request events fired here."""
 
-    abstract = PROTOCOL != "grpc"
+    abstract = (ENGINE, PROTOCOL) != ("triton", "grpc")
 
     def on_start(self) -> None:
         import tritonclient.grpc as grpcclient

@@ -109,3 +109,6 @@ def torchserve_split(before: dict[str, float], after: dict[str, float], model: s
         "queue_ms": _delta(before, after, "ts_queue_latency_microseconds", match) * per_request_ms,
         "total_ms": _delta(before, after, "ts_inference_latency_microseconds", match) * per_request_ms,
     }
+
+
+SPLITS = {"triton": triton_split, "torchserve": torchserve_split}  # each engine's own metric names

@@ -28,7 +28,8 @@ from deploykit.files import atomic_write_json
 from deploykit.loadtest import metrics
 from deploykit.loadtest.slo import PERCENTILES, SLO, verdict
 from deploykit.progress import Reporter, Task, silent
-from deploykit.serve.oip import PROTOCOLS, TORCHSERVE_INPUT_NAME, OipClient, check_samples, oip_body, sample_shape
+from deploykit.serve.engines import engine_traits
+from deploykit.serve.oip import TORCHSERVE_INPUT_NAME, OipClient, check_samples, oip_body, sample_shape
 from deploykit.serve.process import ServerProcess, http_status
 from deploykit.serve.triton import ModelControl
 
@@ -156,6 +157,7 @@ def run_locust(
     samples: Path | None = None,
     input_shape: tuple[int, ...] | None = None,
     metrics_url: str | None = None,
+    engine: str = "triton",
     workdir: Path | None = None,
     warmup_s: float = 1.0,
     progress: Task | None = None,
@@ -165,8 +167,7 @@ def run_locust(
     `url` is the server's HTTP base URL (also for gRPC, whose readiness and metadata are checked over it).
     Writes locust.log and timings.npy into `workdir` (a temporary folder when None).
     """
-    if protocol not in PROTOCOLS:
-        raise DeploykitError(f"Protocol '{protocol}' is unknown: use one of {', '.join(PROTOCOLS)}.")
+    engine_traits(engine).check_protocol(protocol)
     if users < 1 or spawn_rate <= 0:
         raise DeploykitError(f"users={users} and spawn_rate={spawn_rate:g} must be positive: pass at least 1 user.")
     if duration_s - warmup_s < 1:
@@ -175,7 +176,9 @@ def run_locust(
         )
     url = url.rstrip("/")
     grpc_url = grpc_url or f"{urlsplit(url).hostname}:8001"
-    if protocol == "torchserve":
+    if engine == "torchserve":
+        if input_shape is None and samples is not None:  # TorchServe cannot say its input shape; the samples can
+            input_shape = tuple(np.load(samples, mmap_mode="r").shape[1:])
         _preflight_torchserve(url, model, input_shape, samples)
     else:
         _preflight_triton(url, model, protocol, grpc_url, samples)
@@ -190,6 +193,7 @@ def run_locust(
         old.unlink(missing_ok=True)
     env = {
         **os.environ,
+        "DEPLOYKIT_ENGINE": engine,
         "DEPLOYKIT_PROTOCOL": protocol,
         "DEPLOYKIT_MODEL": model,
         "DEPLOYKIT_GRPC_URL": grpc_url,
@@ -219,8 +223,7 @@ def run_locust(
         raise DeploykitError(f"Locust wrote no timings to {timings_path}: see {log} for why.")
     result = summarize_timings(np.load(timings_path), warmup_s, users, log)
     if metrics_url:
-        split = metrics.torchserve_split if protocol == "torchserve" else metrics.triton_split
-        result.server = split(before, metrics.scrape(metrics_url), model)
+        result.server = metrics.SPLITS[engine](before, metrics.scrape(metrics_url), model)
     if scratch:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
@@ -255,6 +258,7 @@ def run_loadtest(
     samples: Path | None = None,
     input_shape: tuple[int, ...] | None = None,
     metrics_url: str | None = None,
+    engine: str = "triton",
     warmup_s: float = 1.0,
     slo: SLO | None = None,
     size_mb: float | None = None,
@@ -289,6 +293,7 @@ def run_loadtest(
                 samples=samples,
                 input_shape=input_shape,
                 metrics_url=metrics_url,
+                engine=engine,
                 workdir=out_dir / f"users-{n}",
                 warmup_s=warmup_s,
                 progress=task,
@@ -309,6 +314,7 @@ def run_loadtest(
     summary = {
         "model": model,
         "url": url,
+        "engine": engine,
         "protocol": protocol,
         "settings": {
             "users": levels,
@@ -363,6 +369,18 @@ def levels_table(result: dict[str, Any]) -> Table:
             f"{level['throughput_rps']:.1f}",
             f"{100 * level['error_rate']:.2f}%",
         )
+    return table
+
+
+def levels_table(result: dict[str, Any]) -> Table:
+    """P50/P95/P99 and throughput per concurrency level of a load test (locust's or perf_analyzer's)."""
+    client = result.get("client", "locust")
+    table = Table(title=f"Load test of '{result['model']}' over {result['protocol']} ({client})")
+    for column in ("users", "P50 ms", "P95 ms", "P99 ms", "req/s"):
+        table.add_column(column, justify="right")
+    for level in result["levels"]:
+        ms = (f"{level[k]:.2f}" for k in ("p50_ms", "p95_ms", "p99_ms"))
+        table.add_row(str(level["users"]), *ms, f"{level['throughput_rps']:.1f}")
     return table
 
 

@@ -1,8 +1,9 @@
-"""Triton python-backend model serving `model.onnx` with ONNX Runtime: the portable flavour's model.py.
+"""Triton python-backend model serving `model.onnx` (ONNX Runtime or OpenVINO) or `model.xml` (OpenVINO IR):
+the portable flavour's model.py.
 
 deploykit.package.triton_repo copies this file as `<version>/model.py`. It runs inside Triton's python
-stub with the environment named by EXECUTION_ENV_PATH (numpy 1.x, its own onnxruntime), so it imports
-only numpy, onnxruntime and the standard library, never deploykit.
+stub with the environment named by EXECUTION_ENV_PATH (numpy 1.x, its own onnxruntime and openvino), so it
+imports only numpy, the runtime its config names (parameter `runtime`) and the standard library, never deploykit.
 
 Every request of a Triton batch is checked on its own; the valid ones are concatenated along the
 batch dimension and run in one session call, then the outputs are split back per request. A bad
@@ -17,8 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -98,7 +97,7 @@ def run_requests(
         try:
             outputs = run(joined)
         except Exception as e:  # noqa: BLE001 (one failing group must not take the other requests down)
-            error = e if isinstance(e, RequestError) else RequestError(f"ONNX Runtime failed: {e}", code="INTERNAL")
+            error = e if isinstance(e, RequestError) else RequestError(f"the runtime failed: {e}", code="INTERNAL")
             for i in members:
                 results[i] = error
             continue
@@ -109,7 +108,9 @@ def run_requests(
     return results
 
 
-def session_options(threads: int | None, spin: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None, spin: bool = False) -> Any:
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -122,9 +123,57 @@ def session_options(threads: int | None, spin: bool = False) -> ort.SessionOptio
 
 def providers(instance_kind: str | None, device_id: str | None) -> list[Any]:
     """CUDA for a GPU instance when this onnxruntime has it, CPU otherwise."""
+    import onnxruntime as ort
+
     if instance_kind == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
         return [("CUDAExecutionProvider", {"device_id": int(device_id or 0)}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+Runner = Callable[[Feed], list[np.ndarray]]
+
+
+def onnxruntime_runner(path: str, output_names: list[str], threads: int | None, spin: bool, args: dict) -> Runner:
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    session = ort.InferenceSession(
+        path,
+        sess_options=session_options(threads, spin),
+        providers=providers(args.get("model_instance_kind"), args.get("model_instance_device_id")),
+    )
+
+    def run(feed: Feed) -> list[np.ndarray]:
+        try:
+            return session.run(output_names, feed)
+        except InvalidArgument as e:  # e.g. an image too small for the network: the client's to fix (HTTP 400)
+            raise RequestError(f"ONNX Runtime rejected this input: {e}") from None
+
+    return run
+
+
+def openvino_runner(path: str, output_names: list[str], threads: int | None, spin: bool, args: dict) -> Runner:
+    """OpenVINO on the CPU, FP32 arithmetic kept (no bf16 on CPUs that have it), latency hint, one reused request."""
+    import openvino as ov
+
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+    outputs = [compiled.output(name) for name in output_names]
+
+    def run(feed: Feed) -> list[np.ndarray]:
+        try:
+            result = request.infer(feed)
+        except RuntimeError as e:  # OpenVINO raises RuntimeError for inputs it cannot take
+            raise RequestError(f"OpenVINO rejected this input: {e}") from None
+        return [np.asarray(result[o]) for o in outputs]
+
+    return run
+
+
+RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
 
 
 def config_parameter(model_config: dict[str, Any], key: str) -> str | None:
@@ -140,20 +189,11 @@ class TritonPythonModel:
         self.output_names = [o["name"] for o in config["output"]]
         self.batched = config.get("max_batch_size", 0) > 0
         threads = config_parameter(config, "intra_op_thread_count")
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = ort.InferenceSession(
-            path,
-            sess_options=session_options(
-                int(threads) if threads else None, config_parameter(config, "allow_spinning") == "1"
-            ),
-            providers=providers(args.get("model_instance_kind"), args.get("model_instance_device_id")),
-        )
-
-    def _run(self, feed: Feed) -> list[np.ndarray]:
-        try:
-            return self.session.run(self.output_names, feed)
-        except InvalidArgument as e:  # e.g. an image too small for the network: the client's to fix (HTTP 400)
-            raise RequestError(f"ONNX Runtime rejected this input: {e}") from None
+        runtime = config_parameter(config, "runtime") or "onnxruntime"
+        file_name = config_parameter(config, "model_file") or "model.onnx"
+        path = os.path.join(args["model_repository"], args["model_version"], file_name)
+        spin = config_parameter(config, "allow_spinning") == "1"
+        self._run = RUNNERS[runtime](path, self.output_names, int(threads) if threads else None, spin, args)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[Feed | RequestError] = []

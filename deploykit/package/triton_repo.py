@@ -1,10 +1,11 @@
 """Triton model repository writer: `<repo>/<name>/config.pbtxt` plus one folder per model version.
 
 Two flavours:
-- portable: Triton's python backend runs the ONNX model with ONNX Runtime through a generated model.py
-  (the source of deploykit.package.triton_python_model), so it serves on any Triton build, even one with
-  only the python backend.
-- native: Triton's own onnxruntime_onnx or tensorrt_plan backend loads model.onnx / model.plan directly.
+- portable: Triton's python backend runs the model through a generated model.py (the source of
+  deploykit.package.triton_python_model) with ONNX Runtime or OpenVINO, so it serves on any Triton build,
+  even one with only the python backend.
+- native: Triton's own onnxruntime_onnx, openvino or tensorrt_plan backend loads model.onnx / model.xml /
+  model.plan directly.
 
 A new version is assembled in a hidden folder inside `<repo>/<name>/` and renamed into place, so a
 server polling the repository never sees half a version and existing versions are never touched.
@@ -30,7 +31,9 @@ from deploykit.errors import DeploykitError
 from deploykit.files import atomic_copy, atomic_write_text
 from deploykit.package.names import validate_model_name
 
-PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "python")
+PLATFORMS = ("onnxruntime_onnx", "openvino", "tensorrt_plan", "python")
+_IR_TYPES = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "f64": "TYPE_FP64", "i64": "TYPE_INT64", "i32": "TYPE_INT32",
+             "i8": "TYPE_INT8", "u8": "TYPE_UINT8", "boolean": "TYPE_BOOL"}  # fmt: skip
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 
 _TRITON_TYPES = {
@@ -76,7 +79,12 @@ class TritonModelOptions(BaseModel):
         1, ge=1, description="Serve the newest N versions; null serves every version in the repository."
     )
     warmup: bool = Field(True, description="Run zero-filled batches (1 and max) at load time.")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; null lets it choose.")
+    threads: int | None = Field(None, ge=1, description="Runtime intra-op threads; null lets it choose.")
+    runtime: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime",
+        description="What runs an ONNX model: ONNX Runtime, or OpenVINO (what the benchmark's selection picks when "
+        "it is faster here). An OpenVINO IR (.xml) always runs on OpenVINO.",
+    )
     spin: bool = Field(
         False, description="Portable only: ONNX Runtime threads spin while idle (lower latency on dedicated cores)."
     )
@@ -156,6 +164,25 @@ def model_io(model_file: Path) -> ModelIO:
     return _io_of(_load_onnx(model_file), model_file)
 
 
+def ir_io(xml: Path) -> ModelIO:
+    """Inputs, outputs and batchability of an OpenVINO IR, read with OpenVINO."""
+    from deploykit.runtime.ov_rt import require_openvino
+
+    model = require_openvino().Core().read_model(str(xml))
+    ports = [*model.inputs, *model.outputs]
+    shapes = [[d.get_length() if d.is_static else -1 for d in port.get_partial_shape()] for port in ports]
+    batched = all(s and s[0] == -1 for s in shapes)
+
+    def spec(port: object, shape: list[int]) -> TensorSpec:
+        kind = port.get_element_type().get_type_name()  # type: ignore[attr-defined]
+        if kind not in _IR_TYPES:
+            raise DeploykitError(f"{xml}: tensor '{port.get_any_name()}' has type {kind}, which Triton cannot serve.")  # type: ignore[attr-defined]
+        return TensorSpec(port.get_any_name(), _IR_TYPES[kind], shape[1:] if batched else shape)  # type: ignore[attr-defined]
+
+    specs = [spec(port, shape) for port, shape in zip(ports, shapes)]
+    return ModelIO(specs[: len(model.inputs)], specs[len(model.inputs) :], batched)
+
+
 def _text(value: str) -> str:
     return f'"{CEscape(value, as_utf8=True)}"'
 
@@ -172,10 +199,14 @@ def _tensors(section: str, specs: list[TensorSpec], dims_of: DimsOf) -> list[str
     return [f"{section} [", ",\n".join(rows), "]"]
 
 
-def _parameters(options: TritonModelOptions, platform: str) -> list[str]:
+def _parameters(options: TritonModelOptions, platform: str, model_file: str) -> list[str]:
     params: dict[str, str] = {}
-    if options.threads and platform != "tensorrt_plan":  # read by the onnxruntime backend and by model.py alike
+    if options.threads and platform not in ("tensorrt_plan", "openvino"):  # the onnxruntime backend and model.py
         params["intra_op_thread_count"] = str(options.threads)
+    if options.threads and platform == "openvino":
+        params["INFERENCE_NUM_THREADS"] = str(options.threads)
+    if platform == "python":  # which runtime model.py opens, on which file
+        params |= {"runtime": "openvino" if model_file.endswith(".xml") else options.runtime, "model_file": model_file}
     if options.spin and platform == "python":
         params["allow_spinning"] = "1"
     if options.execution_env and platform == "python":
@@ -204,8 +235,10 @@ def _warmup(io: ModelIO, options: TritonModelOptions, dims_of: DimsOf) -> list[s
     return ["model_warmup [", ",\n".join(entries), "]"]
 
 
-def render_config(name: str, io: ModelIO, options: TritonModelOptions, platform: str) -> str:
-    """The config.pbtxt text (protobuf text of Triton's ModelConfig) for one model."""
+def render_config(
+    name: str, io: ModelIO, options: TritonModelOptions, platform: str, model_file: str = "model.onnx"
+) -> str:
+    """The config.pbtxt text (protobuf text of Triton's ModelConfig) for one model stored as `model_file`."""
     if platform not in PLATFORMS:
         raise DeploykitError(f"Triton platform {platform!r} is not supported: use one of {', '.join(PLATFORMS)}.")
     batching = options.max_batch_size > 0
@@ -224,14 +257,16 @@ def render_config(name: str, io: ModelIO, options: TritonModelOptions, platform:
     def dims_of(spec: TensorSpec) -> list[int]:  # an unbatched config lists the (dynamic) batch dim itself
         return [-1, *spec.dims] if io.batched and not batching else spec.dims
 
+    runtime = "OpenVINO" if model_file.endswith(".xml") or options.runtime == "openvino" else "ONNX Runtime"
     lines = [
-        f"# Written by deploykit ({'python backend + ONNX Runtime' if platform == 'python' else platform}).",
+        f"# Written by deploykit ({f'python backend + {runtime}' if platform == 'python' else platform}).",
         f"name: {_text(name)}",
-        'backend: "python"' if platform == "python" else f"platform: {_text(platform)}",
+        f"backend: {_text(platform)}" if platform in ("python", "openvino") else f"platform: {_text(platform)}",
         f"max_batch_size: {options.max_batch_size}",
         "version_policy: { all: { } }"
         if options.versions_served is None
         else f"version_policy: {{ latest: {{ num_versions: {options.versions_served} }} }}",
+        *([f"default_model_filename: {_text(model_file)}"] if platform == "openvino" else []),
         *_tensors("input", io.inputs, dims_of),
         *_tensors("output", io.outputs, dims_of),
     ]
@@ -243,7 +278,7 @@ def render_config(name: str, io: ModelIO, options: TritonModelOptions, platform:
             lines.append(f"  preferred_batch_size: {_dims(sorted(set(options.preferred_batch_sizes)))}")
         lines += [f"  max_queue_delay_microseconds: {options.max_queue_delay_us}", "}"]
     lines.append(f"instance_group [ {{ count: {options.instances}, kind: KIND_{options.kind.upper()} }} ]")
-    lines += _parameters(options, platform)
+    lines += _parameters(options, platform, model_file)
     if platform == "onnxruntime_onnx":
         lines.append(
             "# graph optimisation: the onnxruntime backend defaults to ORT_ENABLE_ALL; "
@@ -316,6 +351,12 @@ def _plan_source_onnx(plan: Path, max_batch_size: int) -> Path:
     return found
 
 
+def _native_platform(suffix: str, runtime: str) -> str:
+    if suffix == ".plan":
+        return "tensorrt_plan"
+    return "openvino" if suffix == ".xml" or runtime == "openvino" else "onnxruntime_onnx"
+
+
 def write_triton_model(
     repo: Path, name: str, model_file: Path, options: TritonModelOptions, version: int | None = None
 ) -> Path:
@@ -323,8 +364,10 @@ def write_triton_model(
     validate_model_name(name)
     repo, model_file = Path(repo), Path(model_file)
     suffix = model_file.suffix.lower()
-    if suffix not in (".onnx", ".plan"):
-        raise DeploykitError(f"Cannot serve {model_file} with Triton: pass a .onnx model or a .plan TensorRT engine.")
+    if suffix not in (".onnx", ".xml", ".plan"):
+        raise DeploykitError(
+            f"Cannot serve {model_file} with Triton: pass a .onnx model, an OpenVINO .xml or a .plan TensorRT engine."
+        )
     if suffix == ".plan" and options.flavour == "portable":
         raise DeploykitError(
             f"{model_file} is a TensorRT engine, which the portable flavour cannot run: use flavour native."
@@ -332,13 +375,15 @@ def write_triton_model(
     if not model_file.is_file():
         raise DeploykitError(f"Model file {model_file} does not exist: pass the path of an exported model.")
 
-    onnx_file = _plan_source_onnx(model_file, options.max_batch_size) if suffix == ".plan" else model_file
-    graph = _load_onnx(onnx_file)
-    platform = (
-        "python" if options.flavour == "portable" else ("tensorrt_plan" if suffix == ".plan" else "onnxruntime_onnx")
-    )
-    config = render_config(name, _io_of(graph, onnx_file), options, platform)  # every check before any write
-    extra = _external_data(graph, model_file) if suffix == ".onnx" else []
+    platform = "python" if options.flavour == "portable" else _native_platform(suffix, options.runtime)
+    stored = f"model{suffix}"
+    if suffix == ".xml":
+        io, extra = ir_io(model_file), [model_file.with_suffix(".bin")]
+    else:
+        onnx_file = _plan_source_onnx(model_file, options.max_batch_size) if suffix == ".plan" else model_file
+        graph = _load_onnx(onnx_file)
+        io, extra = _io_of(graph, onnx_file), _external_data(graph, model_file) if suffix == ".onnx" else []
+    config = render_config(name, io, options, platform, stored)  # every check before any write
 
     model_dir = repo / name
     existing = list_versions(repo, name)
@@ -354,9 +399,9 @@ def write_triton_model(
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".v{number}-", dir=model_dir))  # hidden: Triton skips non-numeric folders
     try:
-        atomic_copy(model_file, staging / f"model{suffix}")
-        for data in extra:  # the graph names these files, so they keep their names
-            atomic_copy(data, staging / data.name)
+        atomic_copy(model_file, staging / stored)
+        for data in extra:  # an ONNX graph names these files, so they keep their names; an IR's .bin follows its .xml
+            atomic_copy(data, staging / (data.name if suffix == ".onnx" else "model.bin"))
         if platform == "python":
             atomic_copy(PYTHON_MODEL, staging / "model.py")
         staging.chmod(0o755)  # mkdtemp's folder is owner-only; the server may run as another user

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.config import PipelineBase, check_safe_name
-from deploykit.pipeline.registry import stage_types
+from deploykit.pipeline.registry import METHOD, Stage, by_method, method_variants, stage_types
 
 
 class StageEntry(BaseModel):
@@ -44,27 +44,39 @@ class StageEntry(BaseModel):
         return self.name or self.stage  # type: ignore[attr-defined]
 
     def settings(self) -> BaseModel:
-        """This entry's settings as the stage's own config model."""
-        cls = stage_types()[self.stage].Config  # type: ignore[attr-defined]
-        return cls.model_validate(self.model_dump(exclude={"stage", "name"}))
+        """This entry's settings as the stage's own settings model (the one of its method, for a stage with methods)."""
+        model = type(self).__bases__[1]  # entry models derive from (StageEntry, the settings model)
+        return model.model_validate(self.model_dump(exclude={"stage", "name"}))
 
 
-def stage_entries() -> dict[str, type[StageEntry]]:
-    """One entry model per registered stage: its settings plus `stage:` (the tag) and `name:`."""
+def stage_entries() -> dict[str, Any]:
+    """Per registered stage, the model of its entries: its settings plus `stage:` (the tag) and `name:`; for a stage
+    with methods, one such model per method, in a union discriminated on `method:` (see `by_method`)."""
     return _stage_entries(tuple(sorted(stage_types().items())))
 
 
 @functools.cache
-def _stage_entries(registered: tuple) -> dict[str, type[StageEntry]]:
-    entries = {}
+def _stage_entries(registered: tuple) -> dict[str, Any]:
+    entries: dict[str, Any] = {}
     for type_name, cls in registered:
-        tag = (Literal[type_name], Field(..., description=(cls.__doc__ or type_name).strip().splitlines()[0]))
-        entries[type_name] = create_model(f"{type_name.title()}Entry", __base__=(StageEntry, cls.Config), stage=tag)  # type: ignore[call-overload]
+        variants = method_variants(cls.Config)
+        if variants:
+            models = (_entry(type_name, cls, settings, method) for method, settings in variants.items())
+            entries[type_name] = by_method(*models)
+        else:
+            entries[type_name] = _entry(type_name, cls, cls.Config)
     return entries
 
 
+def _entry(type_name: str, cls: type[Stage], settings: type[BaseModel], method: str = "") -> type[StageEntry]:
+    tag = (Literal[type_name], Field(..., description=(cls.__doc__ or type_name).strip().splitlines()[0]))
+    name = f"{type_name.title()}{method.capitalize()}Entry"
+    return create_model(name, __base__=(StageEntry, settings), stage=tag)  # type: ignore[call-overload]
+
+
 def pipeline_model() -> type[PipelineBase]:
-    """The pipeline model; `stages` is a list discriminated on the `stage:` key."""
+    """The pipeline model; `stages` is a list discriminated on the `stage:` key (then on `method:`, for a stage
+    with methods)."""
     return _pipeline_model(tuple(stage_entries().values()))
 
 
@@ -119,16 +131,20 @@ def _format_loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _strip_tag(loc: tuple) -> tuple:
-    """pydantic puts the stage type right after the list index (stages, 0, train, ...); the file has no such level."""
-    if len(loc) >= 3 and loc[0] == "stages" and loc[2] in stage_entries():
-        return loc[:2] + loc[3:]
-    return loc
+def _split(loc: tuple) -> tuple[tuple[str, ...], tuple]:
+    """The tags in a pydantic error location, and the location in the file.
+
+    pydantic puts the stage type, and for a stage with methods the method, right after the list index
+    (stages, 4, quantize, dynamic, percentile); the file has no such levels.
+    """
+    if len(loc) < 3 or loc[0] != "stages" or loc[2] not in stage_entries():
+        return (), loc
+    n = 2 if len(loc) > 3 and method_variants(stage_entries()[loc[2]]) else 1
+    return loc[2 : 2 + n], loc[:2] + loc[2 + n :]
 
 
-def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
-    """The line of the deepest part of `loc` that exists in the file."""
-    path = _strip_tag(loc)
+def _line_for(path: tuple, lines: dict[tuple, int]) -> int | None:
+    """The line of the deepest part of `path` that exists in the file."""
     while path and path not in lines:
         path = path[:-1]
     return lines.get(path)
@@ -136,10 +152,12 @@ def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
 
 def _allowed_keys(loc: tuple) -> list[str]:
     """Known keys at the place of an unknown-key error, for a 'did you mean' hint."""
+    tags, path = _split(loc)
     model: Any = pipeline_model()
-    parts = loc[:-1]
-    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in stage_entries():
-        model, parts = stage_entries()[parts[2]], parts[3:]
+    parts = path[:-1]
+    if tags:
+        entry = stage_entries()[tags[0]]
+        model, parts = (method_variants(entry)[tags[1]] if len(tags) > 1 else entry), parts[2:]
     for part in parts:
         if isinstance(part, int):
             continue
@@ -159,27 +177,55 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def _explain(err: dict) -> str:
+def _explain(err: dict) -> tuple[tuple, str]:
+    """The place in the file an error is about, and the sentence that explains it."""
     loc, kind = tuple(err["loc"]), err["type"]
+    tags, path = _split(loc)
     if kind == "extra_forbidden":
-        key = loc[-1]
-        close = difflib.get_close_matches(str(key), _allowed_keys(loc), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "remove it or check the spelling (`deploykit schema` lists every key)."
-        return f"{_format_loc(_strip_tag(loc)[:-1])}: unknown key {key!r}; {hint}"
+        return path, _unknown_key(loc)
+    if kind in ("union_tag_invalid", "union_tag_not_found") and tags:  # `method:` of a stage with methods
+        return path + (METHOD,), _unknown_method(path, tags[0], err.get("ctx", {}).get("tag"))
     if kind == "union_tag_invalid":
         given = err.get("ctx", {}).get("tag", "?")
-        known = sorted(stage_types())
-        close = difflib.get_close_matches(str(given), known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(known)}."
-        return f"{_format_loc(loc)}: unknown stage {given!r}; {hint}"
+        return path, f"{_format_loc(path)}: unknown stage {given!r}; {_hint(given, sorted(stage_types()))}"
     if kind == "union_tag_not_found":
-        return f"{_format_loc(loc)}: each stage needs a `stage:` key naming its type ({', '.join(sorted(stage_types()))})."
+        known = ", ".join(sorted(stage_types()))
+        return path, f"{_format_loc(path)}: each stage needs a `stage:` key naming its type ({known})."
     if kind == "missing":
-        return f"{_format_loc(_strip_tag(loc))}: required key is missing."
+        return path, f"{_format_loc(path)}: required key is missing."
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {json.dumps(got, default=str)})"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{_format_loc(_strip_tag(loc))}: {msg[0].lower() + msg[1:]}{shown}."
+    return path, f"{_format_loc(path)}: {msg[0].lower() + msg[1:]}{shown}."
+
+
+def _hint(given: Any, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(given), known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(known)}."
+
+
+def _unknown_key(loc: tuple) -> str:
+    """An unknown key, with the method it is unknown for when it is one of a stage's own keys."""
+    tags, path = _split(loc)
+    key = loc[-1]
+    method = tags[1] if len(tags) == 2 and len(path) == 3 else None  # a key of the stage entry itself
+    variants = method_variants(stage_entries()[tags[0]]) if method else {}
+    owners = [name for name, model in variants.items() if key in model.model_fields]
+    close = difflib.get_close_matches(str(key), _allowed_keys(loc), n=1)
+    if owners:
+        hint = f"it is a setting of {' and '.join(owners)}: remove it or change the method."
+    elif close:
+        hint = f"did you mean {close[0]!r}?"
+    else:
+        hint = "remove it or check the spelling (`deploykit schema` lists every key)."
+    of = f" for method {method!r}" if method else ""
+    return f"{_format_loc(path[:-1])}: unknown key {key!r}{of}; {hint}"
+
+
+def _unknown_method(path: tuple, stage: str, given: Any) -> str:
+    known = list(method_variants(stage_entries()[stage]))
+    shown = "null" if given is None else repr(given)
+    return f"{_format_loc(path + (METHOD,))}: unknown method {shown} for stage {stage}; {_hint(given, known)}"
 
 
 def parse_pipeline(raw: Any, source: str = "<pipeline>", lines: dict[tuple, int] | None = None) -> PipelineBase:
@@ -191,10 +237,11 @@ def parse_pipeline(raw: Any, source: str = "<pipeline>", lines: dict[tuple, int]
     except ValidationError as e:
         # A misspelt key also makes the right one "missing": report the misspelling, it explains both.
         err = sorted(e.errors(), key=lambda x: x["type"] not in ("extra_forbidden", "union_tag_invalid"))[0]
-        line = _line_for(tuple(err["loc"]), lines or {})
+        path, sentence = _explain(err)
+        line = _line_for(path, lines or {})
         where = f"{source}:{line}" if line else source
         more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        raise DeploykitError(f"{where}: {_explain(err)}{more}") from None
+        raise DeploykitError(f"{where}: {sentence}{more}") from None
     except DeploykitError as e:  # a bad model name or option, found while checking the model
         lines = lines or {}
         named = [k for k in lines if len(k) == 3 and k[:2] == ("model", "options") and f"'{k[2]}'" in str(e)]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Discriminator, Tag
 
 from deploykit.artifacts import StageResult
 from deploykit.errors import DeploykitError
@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, type[Stage]] = {}
 _plugins_loaded = False
 _BUILT_IN = "train"  # one built-in stage: its absence means the package's entry points were never installed
+METHOD = "method"  # the key that picks a stage's settings model when it has one per method
 
 
 class Stage(ABC):
     """One step of a pipeline. Subclasses set `Config` and implement `run`."""
 
-    Config: ClassVar[type[BaseModel]]
+    Config: ClassVar[Any]  # a settings model, or one per method joined by `by_method`
     type_name: ClassVar[str] = ""
     # True when every torchrun process must run the stage (training); otherwise rank 0 runs it alone.
     distributed: ClassVar[bool] = False
@@ -39,6 +40,31 @@ class Stage(ABC):
     @abstractmethod
     def run(self, ctx: StageContext) -> StageResult:
         """Do the work, writing artifacts under `ctx.out_dir`."""
+
+
+def by_method(*variants: type[BaseModel]) -> Any:
+    """A stage `Config` with one settings model per method: a union discriminated on the `method` key.
+
+    Each variant declares `method: Literal["<name>"] = "<name>"`; an entry without `method` gets the first.
+    """
+    default = _method_name(variants[0])
+
+    def method_of(value: Any) -> Any:
+        return value.get(METHOD, default) if isinstance(value, dict) else getattr(value, METHOD, default)
+
+    tagged = tuple(Annotated[v, Tag(_method_name(v))] for v in variants)
+    return Annotated[Union[tagged], Discriminator(method_of)]  # noqa: UP007
+
+
+def method_variants(config: Any) -> dict[str, type[BaseModel]]:
+    """The settings model of each method of a `by_method` Config, the default first; {} for a single model."""
+    if get_origin(config) is not Annotated:
+        return {}
+    return {tag.tag: model for model, tag in map(get_args, get_args(get_args(config)[0]))}
+
+
+def _method_name(variant: type[BaseModel]) -> str:
+    return variant.model_fields[METHOD].default
 
 
 def register(name: str):

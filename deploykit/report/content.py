@@ -17,6 +17,20 @@ CURVES_FILE, TRADEOFF_FILE = "curves.png", "accuracy_vs_latency.png"
 
 
 @dataclass
+class TradeoffPoint:
+    label: str
+    latency_ms: float
+    accuracy: float
+    size_mb: float
+    on_front: bool = True
+
+    def dominates(self, other: TradeoffPoint) -> bool:
+        at_least = (self.latency_ms <= other.latency_ms, self.accuracy >= other.accuracy, self.size_mb <= other.size_mb)
+        better = (self.latency_ms < other.latency_ms, self.accuracy > other.accuracy, self.size_mb < other.size_mb)
+        return all(at_least) and any(better)
+
+
+@dataclass
 class ReportInput:
     title: str
     description: str
@@ -53,7 +67,8 @@ def artifact_rows(
     big = throughput_batch(benchmark)
     by_stage = {r.name: _metrics(r) for r in upstream}
     rows = []
-    for target in discover(upstream):
+    runtimes = tuple(benchmark["settings"].get("onnx_runtimes", ["onnxruntime"])) if benchmark else ("onnxruntime",)
+    for target in discover(upstream, onnx_runtimes=runtimes):
         lat, thr = measured.get((target.key, latency_batch)), measured.get((target.key, big))
         any_row = lat or thr
         accuracy = any_row["accuracy"] if any_row else None
@@ -387,9 +402,34 @@ def _run_info(inp: ReportInput) -> Bullets:
     )
 
 
-def tradeoff_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
-    """(label, P50 ms, accuracy) of every artifact that has both."""
-    return [(r["artifact"], r["p50_ms"], r["accuracy"]) for r in rows if None not in (r["p50_ms"], r["accuracy"])]
+def tradeoff_points(rows: list[dict[str, Any]]) -> list[TradeoffPoint]:
+    """Every artifact with a measured latency and accuracy, marked whether it is on the Pareto front
+    (no other point is as fast, as accurate and as small, and better in one of the three)."""
+    points = [
+        TradeoffPoint(r["artifact"], r["p50_ms"], r["accuracy"], r["size_bytes"] / 1e6)
+        for r in rows
+        if None not in (r["p50_ms"], r["accuracy"])
+    ]
+    for p in points:
+        p.on_front = not any(q.dominates(p) for q in points)
+    return points
+
+
+def _pareto_blocks(points: list[TradeoffPoint]) -> list[Block]:
+    front = sorted((p for p in points if p.on_front), key=lambda p: p.latency_ms)
+    if not front:
+        return []
+    dominated = len(points) - len(front)
+    return [
+        Paragraph(
+            f"Pareto front ({len(front)} of {len(points)} artifacts; the {dominated} grey one(s) are beaten on "
+            "latency, accuracy and size at once by an artifact on it):"
+        ),
+        Table(
+            ["Artifact", "P50 ms", "Accuracy", "Size (MB)"],
+            [[p.label, f.ms(p.latency_ms), f.percent(p.accuracy), f"{p.size_mb:.2f}"] for p in front],
+        ),
+    ]
 
 
 def build(
@@ -400,7 +440,7 @@ def build(
     chosen, why = choose_deployable(rows, inp.upstream)
     result = slo_verdict(chosen, inp)
     curves: Block = Image(CURVES_FILE, "Training and validation loss and accuracy per epoch")
-    tradeoff: Block = Image(TRADEOFF_FILE, "Accuracy against latency, one point per artifact")
+    tradeoff: Block = Image(TRADEOFF_FILE, "Accuracy against latency and size, the Pareto front in colour")
     notes = _benchmark_notes(inp.benchmark) + _stage_notes(inp.upstream, rows)
     if not curves_drawn:
         curves = Paragraph("No training history upstream: curves skipped.")
@@ -419,6 +459,7 @@ def build(
         curves,
         Heading("Accuracy vs latency"),
         tradeoff,
+        *(_pareto_blocks(tradeoff_points(rows)) if tradeoff_drawn else []),
         Heading("Training diagnostics"),
         *_diagnostics_blocks(inp.upstream),
         Heading("SLO verdict"),

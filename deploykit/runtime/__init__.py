@@ -1,4 +1,4 @@
-"""One small interface over torch / ONNX Runtime / TensorRT: `Session.run(x) -> logits`.
+"""One small interface over torch / ONNX Runtime / OpenVINO / TensorRT: `Session.run(x) -> logits`.
 
 Benchmarks, quantization, export parity checks and serving checks all take a Session, so they never
 care which runtime sits behind it. `open_artifact` picks the runtime from what a path holds.
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from deploykit.errors import DeploykitError
 from deploykit.runtime.base import NO_GPU, TENSORRT_MISSING, Session, require_tensorrt
 from deploykit.runtime.ort_rt import onnx_precision, ort_session
+from deploykit.runtime.ov_rt import IR_SUFFIX, ov_session
 from deploykit.runtime.torch_rt import torch_session
 from deploykit.runtime.trt_rt import engine_metadata_path, trt_session
 
@@ -28,17 +29,22 @@ __all__ = [
     "onnx_precision",
     "open_artifact",
     "ort_session",
+    "ov_session",
     "require_tensorrt",
     "torch_session",
     "trt_session",
 ]
 
 _ENGINE_SUFFIXES = (".plan", ".engine")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
-def open_artifact(path: Path, threads: int | None = None) -> Session:
-    """A Session for a .onnx file (ONNX Runtime), a .plan/.engine file (TensorRT) or a model directory (torch)."""
+def open_artifact(path: Path, threads: int | None = None, runtime: str | None = None) -> Session:
+    """A Session for a model directory (torch), a .onnx file (ONNX Runtime, or OpenVINO with
+    runtime='openvino'), an OpenVINO IR .xml, or a .plan/.engine file (TensorRT)."""
     path = Path(path)
+    if runtime == "openvino" or path.suffix == IR_SUFFIX:
+        return ov_session(path, threads)
     if path.is_dir() and (path / "model.json").is_file():
         from deploykit.train import load_model
 
@@ -51,7 +57,7 @@ def open_artifact(path: Path, threads: int | None = None) -> Session:
     if path.suffix in _ENGINE_SUFFIXES:
         return trt_session(path)
     raise DeploykitError(
-        f"Cannot open {path} as a model: pass a .onnx file, a .plan/.engine TensorRT engine "
+        f"Cannot open {path} as a model: pass a .onnx file, an OpenVINO .xml, a .plan/.engine TensorRT engine "
         "or a directory holding model.json and model.pt."
     )
 

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import DeploykitError
+from deploykit.serve.engines import engine_traits
 
-ENGINES = ("triton", "torchserve")
-PROTOCOLS = ("http", "grpc", "torchserve")  # how load-test users talk to a server
 TORCHSERVE_INPUT_NAME = "input"  # TorchServe has no metadata to ask: the input name deploykit's handler reads
 
 
@@ -70,12 +69,9 @@ class OipClient:
     """HTTP JSON inference against one model of a Triton or TorchServe server."""
 
     def __init__(self, url: str, model: str, engine: str = "triton", timeout: float = 30.0) -> None:
-        if engine not in ENGINES:
-            raise DeploykitError(f"Engine '{engine}' is unknown: use one of {', '.join(ENGINES)}.")
+        self.traits = engine_traits(engine)
         self.url, self.model, self.engine, self.timeout = url.rstrip("/"), model, engine, timeout
-        self.infer_url = (
-            f"{self.url}/v2/models/{model}/infer" if engine == "triton" else f"{self.url}/predictions/{model}"
-        )
+        self.infer_url = self.url + self.traits.infer_route(model)
 
     def request(self, path_or_url: str, body: bytes | None = None) -> tuple[int, str]:
         """(status, body text) of a GET (no body) or POST; a dropped connection is status 0 with the reason."""

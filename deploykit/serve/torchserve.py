@@ -18,6 +18,7 @@ from types import TracebackType
 
 from deploykit.errors import DeploykitError
 from deploykit.package.torchserve_archive import read_store_models, write_config_properties
+from deploykit.serve.engines import ENGINES
 from deploykit.serve.process import ServerProcess, client_host, free_port
 
 MIN_JAVA = 11
@@ -59,6 +60,41 @@ class TorchServeServer:
         self.models: list[str] = []
         self.process: ServerProcess | None = None
         self._tmp: Path | None = None
+
+    traits = ENGINES["torchserve"]
+
+    @property
+    def infer_url(self) -> str:
+        return self.endpoints["inference"]
+
+    @property
+    def grpc_url(self) -> None:
+        return None  # its gRPC API is not deploykit's OIP one: load tests and checks use HTTP
+
+    @property
+    def metrics_url(self) -> str:
+        return self.endpoints["metrics"]
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    @property
+    def log_path(self) -> Path:
+        if self.process is not None:
+            return self.process.log_path
+        if self.log_dir is None:
+            raise DeploykitError("TorchServe has not started, so it has no log yet: start it first.")
+        return self.log_dir / "torchserve.log"
+
+    def failed_models(self) -> dict[str, str]:
+        """Models of the store without a READY worker, with TorchServe's reason."""
+        log = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+        return {
+            name: _load_failure(log, name)
+            for name in self.models
+            if not _ready_workers(f"{self.endpoints['management']}/models/{name}")
+        }
 
     def start(self, timeout: float = 120) -> TorchServeServer:
         """Start TorchServe and return once /ping answers and every model has all its workers READY."""

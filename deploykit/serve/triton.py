@@ -20,6 +20,7 @@ from typing import Any
 
 from deploykit.errors import DeploykitError
 from deploykit.package.names import validate_model_name
+from deploykit.serve.engines import ENGINES
 from deploykit.serve.process import ServerProcess, client_host
 
 TRITON_ENV_VAR = "DEPLOYKIT_TRITON_ENV"
@@ -147,6 +148,27 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else self.repo.parent / "tritonserver.log"
         self.install = install
         self.process: ServerProcess | None = None
+
+    traits = ENGINES["triton"]
+
+    @property
+    def infer_url(self) -> str:
+        return self.endpoints["http"]
+
+    @property
+    def grpc_url(self) -> str:
+        return self.endpoints["grpc"]
+
+    @property
+    def metrics_url(self) -> str:
+        return self.endpoints["metrics"]
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    def failed_models(self) -> dict[str, str]:
+        return self.control.failed_models()
 
     @property
     def endpoints(self) -> dict[str, str]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from rich.markup import escape
 
-from deploykit.artifacts import MODEL_ROLES, StageResult, deployable
+from deploykit.artifacts import MODEL_ROLES, Pick, StageRecord, StageResult, deployable
+from deploykit.bench.select import select_fastest
 from deploykit.bench.targets import Target, discover, unavailable_reason
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_json, atomic_write_text
@@ -15,8 +18,8 @@ from deploykit.machine import machine_info, versions
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, register
 
-Role = Literal["checkpoint", "onnx", "onnx_int8", "trt_fp16", "trt_int8"]
-_SUMMARY_KEYS = ("artifact", "batch", "p50_ms", "p95_ms", "p99_ms", "throughput", "speedup", "accuracy", "stable")
+Role = Literal["checkpoint", "onnx", "onnx_int8", "openvino", "openvino_int8", "trt_fp16", "trt_int8"]
+_SUMMARY_KEYS = ("artifact", "runs_on", "batch", "p50_ms", "p95_ms", "p99_ms", "throughput", "speedup", "accuracy", "stable")
 
 
 class BenchmarkConfig(BaseModel):
@@ -44,6 +47,21 @@ class BenchmarkConfig(BaseModel):
         1, ge=1, description="Rounds over all artifacts, interleaved; each result is the round with the median P50."
     )
     include: list[Role] | None = Field(None, description="Artifact roles to benchmark (default: all found upstream).")
+    onnx_runtimes: list[Literal["onnxruntime", "openvino"]] = Field(
+        ["onnxruntime", "openvino"],
+        min_length=1,
+        description="Runtimes each ONNX file is timed on; OpenVINO runs ONNX Runtime's QDQ files as they are "
+        "(skipped with the reason where it is not installed).",
+    )
+    select: bool = Field(
+        True,
+        description="Pick the deployable model by measurement: the fastest servable candidate (model x precision x "
+        "runtime) within max_accuracy_drop; false keeps the earlier stages' pick.",
+    )
+    select_batch: int = Field(1, ge=1, description="Batch size whose P50 the selection compares (one of batch_sizes).")
+    max_accuracy_drop: float | None = Field(
+        1.0, description="Selection: largest val top-1 loss against the best FP32 model, in points; null: no budget."
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -51,9 +69,11 @@ class BenchmarkConfig(BaseModel):
         return sorted(set(v))
 
     @model_validator(mode="after")
-    def _policy_needs_isolation(self) -> BenchmarkConfig:
+    def _consistent(self) -> BenchmarkConfig:
         if self.omp_wait_policy and not self.isolate:
             raise ValueError("omp_wait_policy applies to isolated workers only: set isolate: true or drop it")
+        if self.select and self.select_batch not in self.batch_sizes:
+            raise ValueError(f"select_batch {self.select_batch} is not one of batch_sizes {self.batch_sizes}")
         return self
 
 
@@ -65,7 +85,7 @@ class BenchmarkStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = self.config
-        targets = discover(ctx.upstream, cfg.include)
+        targets = discover(ctx.upstream, cfg.include, tuple(cfg.onnx_runtimes))
         if not targets:
             raise DeploykitError(
                 f"Stage '{ctx.name}' found no model artifact ({', '.join(cfg.include or MODEL_ROLES)}) upstream: "
@@ -77,23 +97,28 @@ class BenchmarkStage(Stage):
         skipped = [{**t.describe(), "reason": reasons[t.key]} for t in targets if reasons[t.key]]
         runnable = [t for t in targets if not reasons[t.key]]
         for entry in skipped:
-            ctx.reporter.log(f"[yellow]skipping {entry['artifact']}:[/yellow] {entry['reason']}")
+            ctx.reporter.log(f"[yellow]skipping {escape(entry['artifact'])}:[/yellow] {escape(entry['reason'])}")  # '[gpu]' is no markup
 
         machine, threads = machine_info(), cfg.threads or os.cpu_count() or 1
         results = self._run_rounds(ctx, runnable, shape, threads)
         rows = _rows(runnable, results, cfg.batch_sizes, cfg.isolate)
         baseline = next((t for t in runnable if t.role == "checkpoint"), None)  # the trained FP32 model
         _add_speedups(rows, baseline)
-        pick = deployable(ctx.upstream)
+        selection = select_fastest(rows, cfg.select_batch, cfg.max_accuracy_drop) if cfg.select else None
+        pick = _pick(selection) if selection else None
+        chosen = deployable([*ctx.upstream, _record_of(ctx, pick)]) if pick else deployable(ctx.upstream)
         for row in rows:
-            row["deployable"] = pick is not None and row["key"] == pick.key
+            row["deployable"] = chosen is not None and row["key"] == chosen.key
+        if selection:
+            ctx.reporter.log(f"selected {selection['pick']['artifact']}: {selection['reason']}")
         load_after = machine_info().get("load_avg", [])
         report = {
             "machine": {**machine, "load_avg_before": machine.get("load_avg", []), "load_avg_after": load_after},
             "versions": versions(),
             "settings": {**cfg.model_dump(mode="json"), "threads": threads, "input_shape": list(shape)},
             "baseline": baseline.label if baseline else None,
-            "deployable": {"key": pick.key, "label": pick.label, "why": pick.why} if pick else None,
+            "deployable": {"key": chosen.key, "label": chosen.label, "why": chosen.why} if chosen else None,
+            "selection": selection and {k: v for k, v in selection.items() if k not in ("pick", "runner_up")},
             "speedup_basis": "P50 latency of the baseline / P50 latency of the artifact, same batch size, same run",
             "results": rows,
             "skipped": skipped,
@@ -102,7 +127,9 @@ class BenchmarkStage(Stage):
         atomic_write_text(ctx.out_dir / "benchmark.md", _markdown(report))
         metrics = {
             "baseline": report["baseline"],
-            "deployable": pick.label if pick else None,
+            "deployable": chosen.label if chosen else None,
+            "selection_ratio": selection["ratio"] if selection else None,
+            "runner_up": selection["runner_up"]["artifact"] if selection and selection["runner_up"] else None,
             "results": [{k: r[k] for k in _SUMMARY_KEYS} for r in rows],
             "skipped": [{"artifact": s["artifact"], "reason": s["reason"]} for s in skipped],
             "unstable": sum(not r["stable"] for r in rows),
@@ -110,7 +137,7 @@ class BenchmarkStage(Stage):
             "load_avg_after": load_after,
         }
         artifacts = {"benchmark": "benchmark.json", "benchmark_table": "benchmark.md"}
-        return StageResult(artifacts=artifacts, metrics=metrics)
+        return StageResult(artifacts=artifacts, metrics=metrics, deployable=pick)
 
     def _run_rounds(
         self, ctx: StageContext, targets: list[Target], shape: tuple[int, ...], threads: int
@@ -126,7 +153,8 @@ class BenchmarkStage(Stage):
                 for target in targets:
                     accuracy = cfg.accuracy and round_index == 0  # accuracy does not change between rounds
                     job = {
-                        "path": str(target.path),
+                        "path": str(target.model_path),
+                        "runtime": target.runtime,
                         "batch_sizes": cfg.batch_sizes,
                         "input_shape": list(shape),
                         "threads": threads,
@@ -147,6 +175,16 @@ class BenchmarkStage(Stage):
                     )
                     bar.advance()
         return results
+
+
+def _pick(selection: dict[str, Any]) -> Pick:
+    row = selection["pick"]
+    return Pick(row["stage"], row["role"], selection["reason"], runtime=row["runs_on"])
+
+
+def _record_of(ctx: StageContext, pick: Pick) -> StageRecord:
+    """This stage as later stages will see it, as far as its pick goes."""
+    return StageRecord(ctx.name, "benchmark", ctx.out_dir, {"deployable": asdict(pick)})
 
 
 def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:

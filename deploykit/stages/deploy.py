@@ -6,10 +6,9 @@ metrics, where the report puts them beside the offline benchmark.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from deploykit.artifacts import ArtifactRef, StageResult, deployable
 from deploykit.errors import DeploykitError
@@ -18,7 +17,8 @@ from deploykit.package.names import validate_model_name
 from deploykit.package.triton_repo import TritonModelOptions
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, register
-from deploykit.serve.process import free_port
+from deploykit.serve.engines import engine_traits
+from deploykit.serve.server import Server, free_ports, make_server
 
 SAMPLES = 64  # real validation samples sent by the checks and the load test
 
@@ -38,9 +38,20 @@ class DeployConfig(SLOSettings):
     users: list[int] = Field([1, 4], min_length=1, description="Concurrency levels of the load test.")
     duration_s: float = Field(10.0, ge=0.0, description="Seconds of load per level (0: skip the load test).")
     spawn_rate: float = Field(10.0, gt=0.0, description="Locust users started per second.")
-    protocol: Literal["http", "grpc"] = Field("http", description="Protocol of the load test's users (Triton).")
+    protocol: Literal["http", "grpc"] = Field("http", description="Transport of the load test's users (Triton).")
+    client: Literal["locust", "perf_analyzer"] = Field(
+        "locust", description="Load generator: locust, or Triton's perf_analyzer (Triton only)."
+    )
     fail_on_breach: bool = Field(False, description="Fail the run when a check or the SLO fails.")
     start_timeout_s: float = Field(120.0, gt=0.0, description="Seconds to wait for the server to become ready.")
+
+    @model_validator(mode="after")
+    def _client_speaks_the_engine(self) -> DeployConfig:
+        if self.client == "perf_analyzer" and self.engine != "triton":
+            raise ValueError("perf_analyzer speaks Triton's protocols only: use client: locust for TorchServe")
+        if self.protocol not in engine_traits(self.engine).protocols:
+            raise ValueError(f"{self.engine} speaks http only here: set protocol: http")
+        return self
 
     @field_validator("model_name")
     @classmethod
@@ -48,15 +59,15 @@ class DeployConfig(SLOSettings):
         return None if v is None else validate_model_name(v)
 
 
-def _to_serve(ctx: StageContext, source: str) -> ArtifactRef:
-    """The ONNX model to serve: the role asked for, else the run's one deployable model."""
+def _to_serve(ctx: StageContext, source: str, engine: str) -> ArtifactRef:
+    """The model to serve: the role asked for, else the run's one deployable model (ONNX, or an OpenVINO IR)."""
     if source != "auto":
         return ctx.find(source, " (deploy source)")
     ref = deployable(ctx.upstream)
-    if ref is None or ref.format != "onnx":
+    if ref is None or ref.format not in engine_traits(engine).formats:
         what = f"the deployable model is {ref.label}, " if ref else ""
         raise DeploykitError(
-            f"Stage '{ctx.name}' needs an ONNX model upstream ({what}which no server here runs): "
+            f"Stage '{ctx.name}' needs an ONNX model upstream ({what}which {engine} here cannot serve): "
             "add an export stage before it."
         )
     return ref
@@ -94,37 +105,38 @@ class DeployStage(Stage):
 
         cfg = self.config
         name = cfg.model_name or validate_model_name(ctx.pipeline.name)
-        ref = _to_serve(ctx, cfg.source)
-        onnx_path = ref.path
-        ctx.reporter.log(f"deploy: serving {ref.label}, {onnx_path.name} ({ref.why}) as '{name}' on {cfg.engine}")
-        server, artifacts = self._package_and_server(ctx, name, onnx_path)
+        ref = _to_serve(ctx, cfg.source, cfg.engine)
+        model_path = ref.path
+        ctx.reporter.log(f"deploy: serving {ref.label}, {model_path.name} ({ref.why}) as '{name}' on {cfg.engine}")
+        server, artifacts = self._package_and_server(ctx, name, ref)
         samples = real_batches(ctx.data(), [SAMPLES])[0]
         slo = cfg.target()
         server.start(timeout=cfg.start_timeout_s)
         try:
-            endpoints = server.endpoints
-            if cfg.engine == "triton" and name in (failed := server.control.failed_models()):
-                raise DeploykitError(f"Triton could not load '{name}' ({failed[name]}); see {server.log_path}.")
+            if name in (failed := server.failed_models()):
+                raise DeploykitError(f"{cfg.engine} could not load '{name}' ({failed[name]}); see {server.log_path}.")
             result = validate_server(
-                endpoints["http"] if cfg.engine == "triton" else endpoints["inference"],
+                server.infer_url,
                 name,
                 out_dir=ctx.out_dir / "validation",
                 engine=cfg.engine,
-                onnx_path=onnx_path,
+                model_path=model_path,
+                runtime=ref.runs_on,
                 samples=samples,
-                grpc_url=endpoints.get("grpc"),
-                metrics_url=endpoints["metrics"],
+                grpc_url=server.grpc_url,
+                metrics_url=server.metrics_url,
                 users=cfg.users,
                 duration_s=cfg.duration_s,
                 spawn_rate=cfg.spawn_rate,
                 protocol=cfg.protocol,
+                client=cfg.client,
                 slo=slo,
-                size_mb=(ctx.stats(ref).bytes or onnx_path.stat().st_size) / 1e6,
+                size_mb=(ctx.stats(ref).bytes or model_path.stat().st_size) / 1e6,
                 reporter=ctx.reporter,
             )
         finally:
             server.stop()
-        served = {"key": ref.key, "label": ref.label, "sha256": ref.sha256, "file": onnx_path.name, "why": ref.why}
+        served = {"key": ref.key, "label": ref.label, "sha256": ref.sha256, "file": model_path.name, "why": ref.why}
         metrics = {"engine": cfg.engine, "model": name, "served_model": served, **_summary(result)}
         if cfg.fail_on_breach and not result["passed"]:
             raise DeploykitError(
@@ -136,36 +148,30 @@ class DeployStage(Stage):
             artifacts["served_latency_plot"] = "validation/latency_vs_concurrency.png"
         return StageResult(artifacts=artifacts, metrics=metrics)
 
-    def _package_and_server(self, ctx: StageContext, name: str, onnx_path: Path) -> tuple[Any, dict[str, str]]:
-        """Write the model repository (or archive) into the stage folder and a server object for it, not started."""
+    def _package_and_server(self, ctx: StageContext, name: str, ref: ArtifactRef) -> tuple[Server, dict[str, str]]:
+        """Write the model repository (or archive) into the stage folder and a server for it on free ports, not
+        started."""
         cfg = self.config
-        log = ctx.out_dir / "server.log"
-        ports = {"metrics_port": free_port()}
         if cfg.engine == "torchserve":
             from deploykit.package.torchserve_archive import write_torchserve_archive
-            from deploykit.serve.torchserve import TorchServeServer
 
-            store = ctx.out_dir / "model_store"
+            repo = ctx.out_dir / "model_store"
             mar = write_torchserve_archive(
-                onnx_path, store, name, batch_size=cfg.torchserve_batch_size,
+                ref.path, repo, name, batch_size=cfg.torchserve_batch_size,
                 max_batch_delay_ms=cfg.torchserve_max_batch_delay_ms,
             )  # fmt: skip
-            server = TorchServeServer(
-                store, host=cfg.host, inference_port=free_port(), management_port=free_port(),
-                log_dir=ctx.out_dir / "torchserve-logs", **ports,
-            )  # fmt: skip
-            return server, {"torchserve_mar": str(mar.relative_to(ctx.out_dir))}
+            artifacts = {"torchserve_mar": str(mar.relative_to(ctx.out_dir))}
+        else:
+            from deploykit.package.triton_repo import write_triton_model
+            from deploykit.serve.triton import find_triton
 
-        from deploykit.package.triton_repo import write_triton_model
-        from deploykit.serve.triton import TritonServer, find_triton
-
-        install = find_triton()
-        options = cfg.triton
-        if options.flavour == "portable" and options.execution_env is None and install.python_env:
-            options = options.model_copy(update={"execution_env": str(install.python_env)})
-        repo = ctx.out_dir / "model_repo"
-        write_triton_model(repo, name, onnx_path, options, version=1)
-        server = TritonServer(
-            repo, host=cfg.host, http_port=free_port(), grpc_port=free_port(), log_path=log, install=install, **ports
-        )
-        return server, {"triton_config": f"model_repo/{name}/config.pbtxt"}
+            install = find_triton()
+            options = cfg.triton.model_copy(update={"runtime": ref.runs_on})  # the runtime the benchmark chose it on
+            if options.flavour == "portable" and options.execution_env is None and install.python_env:
+                options = options.model_copy(update={"execution_env": str(install.python_env)})
+            repo = ctx.out_dir / "model_repo"
+            write_triton_model(repo, name, ref.path, options, version=1)
+            artifacts = {"triton_config": f"model_repo/{name}/config.pbtxt"}
+        logs = ctx.out_dir / "server-logs"
+        server = make_server(cfg.engine, repo, host=cfg.host, ports=free_ports(cfg.engine), log_dir=logs)
+        return server, artifacts

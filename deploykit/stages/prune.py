@@ -6,20 +6,19 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploykit.artifacts import StageResult
 from deploykit.pipeline.context import StageContext
-from deploykit.pipeline.registry import Stage, register
+from deploykit.pipeline.registry import Stage, by_method, register
 from deploykit.train.config import OptimizerConfig, TrainConfig
 
 if TYPE_CHECKING:
     from torch import nn
 
 _GOALS = ("pruning_ratio", "target_macs_ratio", "target_params_ratio")
-_STRUCTURED_ONLY = ("importance", *_GOALS, "round_to", "iterative_steps", "taylor_batches")
 _UNSTRUCTURED_NOTE = (
     "Unstructured pruning zeroes weights but keeps them: the dense file still stores every zero and dense CPU "
     "kernels still multiply by them, so file size, MACs and latency do not shrink (compare the before/after "
@@ -36,15 +35,19 @@ class FinetuneConfig(TrainConfig):
     )
 
 
-class PruneConfig(BaseModel):
-    """Prune the newest upstream model, re-estimate BatchNorm, fine-tune, and measure what it bought."""
+class PruneSettings(BaseModel):
+    """What both methods share: BatchNorm re-estimation, fine-tuning and the latency measurement."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["structured", "unstructured"] = Field(
-        "structured",
-        description="structured removes whole channels (smaller, faster); unstructured zeroes single weights (neither on dense CPU kernels).",
-    )
-    sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="unstructured: fraction of all Conv2d/Linear weights zeroed, smallest |w| across the model first.")
+    bn_recalibration_batches: int = Field(20, ge=0, description="Training batches to re-estimate BatchNorm statistics after pruning; 0 skips it.")
+    latency_runs: int = Field(50, ge=1, description="Timed batch-1 CPU runs per model (one thread, median) for the latency metrics.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tuning after pruning (fit on the pipeline's data).")
+
+
+class StructuredSettings(PruneSettings):
+    """Remove whole channels (DepGraph) to a ratio or a MACs/parameter budget."""
+
+    method: Literal["structured"] = Field("structured", description="structured removes whole channels (smaller, faster).")
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = Field(
         "l2", description="structured: channel score: weight L1/L2 norm, BatchNorm scale, or first-order Taylor (gradients of a few batches)."
     )
@@ -56,30 +59,32 @@ class PruneConfig(BaseModel):
     round_to: int = Field(8, ge=1, description="structured: kept channel counts are multiples of this (SIMD-friendly widths).")
     iterative_steps: int = Field(1, ge=1, description="structured: reach the ratio or target in this many steps, re-scoring channels in between.")
     taylor_batches: int = Field(4, ge=1, description="structured, taylor: training batches whose gradients score the channels.")
-    bn_recalibration_batches: int = Field(20, ge=0, description="Training batches to re-estimate BatchNorm statistics after pruning; 0 skips it.")
-    latency_runs: int = Field(50, ge=1, description="Timed batch-1 CPU runs per model (one thread, median) for the latency metrics.")
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tuning after pruning (fit on the pipeline's data).")
 
     @model_validator(mode="after")
-    def _consistent(self) -> PruneConfig:
-        defaults = {name: field.default for name, field in type(self).model_fields.items()}
-        foreign = ("sparsity",) if self.method == "structured" else _STRUCTURED_ONLY
-        changed = [name for name in foreign if getattr(self, name) != defaults[name]]
-        if changed:
-            raise ValueError(f"{changed[0]} does not apply to method {self.method}; remove it or change the method")
+    def _one_goal(self) -> StructuredSettings:
         goals = [name for name in _GOALS if getattr(self, name) is not None]
         if len(goals) > 1:
             raise ValueError(f"set only one of {', '.join(_GOALS)}, not {' and '.join(goals)}")
-        if self.method == "structured" and not goals:
+        if not goals:
             self.target_macs_ratio = 0.5
         return self
+
+
+class UnstructuredSettings(PruneSettings):
+    """Zero single weights, smallest |w| first; dense CPU kernels gain nothing from it."""
+
+    method: Literal["unstructured"] = Field(
+        "unstructured",
+        description="unstructured zeroes single weights (neither smaller nor faster on dense CPU kernels).",
+    )
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="unstructured: fraction of all Conv2d/Linear weights zeroed, smallest |w| across the model first.")
 
 
 @register("prune")
 class PruneStage(Stage):
     """Prune the newest upstream model (structured channels or unstructured weights), then re-estimate BatchNorm and fine-tune."""
 
-    Config = PruneConfig
+    Config = by_method(StructuredSettings, UnstructuredSettings)
     distributed = True  # fine-tuning runs fit(), which is data-parallel under torchrun: every rank must run it
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -107,11 +112,8 @@ class PruneStage(Stage):
             return [(x, y) for x, y, *_ in itertools.islice(loader, n)]
 
         acc = {"before": accuracy(model)}
-        metrics: dict = {"method": cfg.method}
-        if cfg.method == "structured":
-            model, metrics["channel_ratios"] = self._prune_structured(model, shape, bundle.num_classes, train_batches)
-        else:
-            pruning.prune_unstructured(model, cfg.sparsity)
+        model, pruned = _PRUNERS[type(cfg)](self, model, shape, bundle.num_classes, train_batches)
+        metrics: dict = {"method": cfg.method, **pruned}
         acc["pruned"] = accuracy(model)
         if cfg.bn_recalibration_batches:
             n = cfg.bn_recalibration_batches
@@ -137,17 +139,17 @@ class PruneStage(Stage):
         metrics |= {f"val_acc_{when}": value for when, value in acc.items()}
         metrics |= {"val_acc": list(acc.values())[-1], "latency_threads": 1}
         metrics["weight_sparsity"] = pruning.weight_sparsity(model)
-        if cfg.method == "unstructured":
-            metrics |= {"sparsity_target": cfg.sparsity, "note": _UNSTRUCTURED_NOTE}
         if result is not None:
             metrics["finetune"] = result.metrics
         published.metrics = metrics | published.metrics
         return published
 
+    # -- one pruner per method (_PRUNERS): the pruned model and the metrics only this method has ----------------
+
     def _prune_structured(
         self, model: nn.Module, shape: tuple[int, ...], num_classes: int, train_batches: Callable[[int], list]
-    ) -> tuple[nn.Module, list[float]]:
-        """DepGraph pruning to the configured ratio or budget; returns the model and each step's channel ratio."""
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """DepGraph pruning to the configured ratio or budget; the metrics hold each step's channel ratio."""
         import torch
 
         from deploykit.compress.prune import Budget, prune_structured, taylor_gradients
@@ -163,7 +165,7 @@ class PruneStage(Stage):
         elif cfg.target_params_ratio is not None:
             budget = Budget(count_params, cfg.target_params_ratio * count_params(model), "parameters")
         gradients = taylor_gradients(train_batches(cfg.taylor_batches)) if cfg.importance == "taylor" else None
-        return prune_structured(
+        model, ratios = prune_structured(
             model,
             torch.zeros(shape),
             importance=cfg.importance,
@@ -174,3 +176,19 @@ class PruneStage(Stage):
             budget=budget,
             gradients=gradients,
         )
+        return model, {"channel_ratios": ratios}
+
+    def _prune_unstructured(
+        self, model: nn.Module, shape: tuple[int, ...], num_classes: int, train_batches: Callable[[int], list]
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """Masks on the smallest weights, in place (fine-tuning keeps them at zero)."""
+        from deploykit.compress.prune import prune_unstructured
+
+        prune_unstructured(model, self.config.sparsity)
+        return model, {"sparsity_target": self.config.sparsity, "note": _UNSTRUCTURED_NOTE}
+
+
+_PRUNERS: dict[type[PruneSettings], Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
+    StructuredSettings: PruneStage._prune_structured,
+    UnstructuredSettings: PruneStage._prune_unstructured,
+}

@@ -55,7 +55,7 @@ class ReportStage(Stage):
             artifacts["curves"] = content.CURVES_FILE
         if points := content.tradeoff_points(rows):
             label = f"P50 latency at batch {cfg.latency_batch} (ms)"
-            plots.plot_tradeoff(points, ctx.out_dir / content.TRADEOFF_FILE, label)
+            plots.plot_tradeoff(points, ctx.out_dir / content.TRADEOFF_FILE, label, inp.slo.max_latency_ms)
             artifacts["tradeoff"] = content.TRADEOFF_FILE
         blocks, metrics = content.build(inp, rows, "curves" in artifacts, "tradeoff" in artifacts)
         images = {name: (ctx.out_dir / name).read_bytes() for name in artifacts.values() if name.endswith(".png")}

@@ -15,6 +15,7 @@ import numpy as np
 
 from deploykit.export.parity import check_parity
 from deploykit.runtime import Session
+from deploykit.serve.engines import engine_traits
 from deploykit.serve.oip import OipClient, infer_body
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -37,15 +38,13 @@ def _status_check(group: str, name: str, status: int, text: str, want: int = 200
 
 
 def health_checks(client: OipClient) -> list[Check]:
-    """Live, ready, model ready and metadata (Triton); ping and the model's registration (TorchServe)."""
-    if client.engine == "torchserve":
-        status, text = client.request("/ping")
-        return [_status_check("health", "ping", status, text)]
+    """The engine's health routes (Triton: live, ready, model ready; TorchServe: ping), then the metadata."""
     checks = [
-        _status_check("health", "server live", *client.request("/v2/health/live")),
-        _status_check("health", "server ready", *client.request("/v2/health/ready")),
-        _status_check("health", "model ready", *client.request(f"/v2/models/{client.model}/ready")),
+        _status_check("health", name, *client.request(route.format(model=client.model)))
+        for name, route in client.traits.health
     ]
+    if not client.traits.has_metadata:
+        return checks
     status, text = client.request(f"/v2/models/{client.model}")
     if status == 200:
         meta = json.loads(text)
@@ -89,7 +88,7 @@ def correctness_checks(
     client: OipClient, reference: Session, batches: list[np.ndarray], grpc_url: str | None = None
 ) -> list[Check]:
     """Served logits equal the offline ONNX Runtime logits on real samples, over HTTP (and gRPC for Triton)."""
-    protocols = ["http"] + (["grpc"] if grpc_url and client.engine == "triton" else [])
+    protocols = ["http"] + (["grpc"] if grpc_url and "grpc" in client.traits.protocols else [])
     checks = []
     for protocol in protocols:
         served = ServedSession(client, protocol, grpc_url)
@@ -157,11 +156,8 @@ def metrics_check(metrics_url: str, model: str, engine: str) -> Check:
     except Exception as e:
         return Check("metrics", "prometheus metrics", FAIL, f"{metrics_url}: {str(e)[:200]}")
     # counters are keyed without `_total` (deploykit.loadtest.metrics.parse)
-    name, match = (
-        ("nv_inference_request_success", {"model": model})
-        if engine == "triton"
-        else ("ts_inference_requests", {"model_name": model})
-    )
+    name, label = engine_traits(engine).success_counter
+    match = {label: model}
     count = total(values, name, match)
     status = PASS if count > 0 else FAIL
     label = ",".join(f'{k}="{v}"' for k, v in match.items())

@@ -1,0 +1,71 @@
+"""OpenVINO sessions behind the Session interface: an ONNX file or an OpenVINO IR (.xml + .bin) on the CPU.
+
+OpenVINO runs ONNX Runtime's QDQ files as they are (it folds QuantizeLinear/DequantizeLinear pairs into its
+own int8 kernels), so the same INT8 file can be timed on both runtimes and the faster one deployed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploykit.errors import DeploykitError
+from deploykit.runtime.base import Session, as_input
+
+OPENVINO_MISSING = (
+    "OpenVINO is not installed: install the `openvino` extra (pip install 'deploykit[openvino]') to run and "
+    "export OpenVINO models."
+)
+_INT8_OPS = ("FakeQuantize", "FakeConvert")  # how an IR (or a QDQ ONNX read by OpenVINO) holds INT8
+IR_SUFFIX = ".xml"
+
+
+def require_openvino() -> Any:
+    """The `openvino` module, or a DeploykitError saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise DeploykitError(OPENVINO_MISSING) from None
+    return openvino
+
+
+def ov_precision(model: Any) -> str:
+    """'int8' when the read model holds quantization ops, else 'fp32'."""
+    return "int8" if any(op.get_type_name() in _INT8_OPS for op in model.get_ops()) else "fp32"
+
+
+class OpenVinoSession(Session):
+    def __init__(self, compiled: Any, path: Path, precision: str) -> None:
+        self.compiled, self.path, self.precision = compiled, path, precision
+        self.name = f"ov-{precision}"
+        self._request = compiled.create_infer_request()  # one reused request: what a latency-bound server does
+        self._output = compiled.output(0)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        result = self._request.infer({0: as_input(x)})
+        return np.asarray(result[self._output], dtype=np.float32)
+
+
+def ov_session(path: Path, threads: int | None = None) -> Session:
+    """Compile an ONNX or IR model for the CPU with the latency hint and `threads` inference threads."""
+    ov = require_openvino()
+    path = Path(path)
+    if not path.is_file():
+        raise DeploykitError(f"The model {path} does not exist: check the path or re-run the stage that writes it.")
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeploykitError(f"OpenVINO could not read {path} ({reason}): re-export the model.") from exc
+    config: dict[str, Any] = {
+        "PERFORMANCE_HINT": "LATENCY",
+        # Plain FP32 arithmetic for FP32 models: on CPUs with BF16 or AMX, OpenVINO's default may drop to bf16,
+        # which would silently change outputs and compare a different precision with ONNX Runtime.
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return OpenVinoSession(core.compile_model(model, "CPU", config), path, ov_precision(model))
