@@ -7,7 +7,10 @@ What it measures, each a median over `repeats` rounds with the servers' runs int
   1. the quickstart INT8 model at one user: served P50 (HTTP) against in-process ONNX Runtime P50, batch 1;
   2. the same model at 8 users, Triton with dynamic batching against Triton without it (throughput ratio);
   3. the same model and load, Triton (through deploykit) against TorchServe: throughput and P99;
-  4. ResNet-18 INT8 at 224x224 served at 1 and 2 users against the image-classification SLO.
+  4. ResNet-18 INT8 at 224x224 served at 1 and 2 users against the image-classification SLO;
+  5. the quickstart model at one client with perf_analyzer beside locust (the P50 overhead over in-process, and
+     the CPU each client burns: on 2 cores the load generator competes with the server);
+  6. `deploykit tune` at 8 clients: the tuned config's throughput against the default config's, at its P95.
 The models come from the quickstart and resnet18-latency pipelines (run up to `quantize`, cached).
 Load generator and servers share this machine's cores, as they would on a one-box deployment.
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ import numpy as np
 from deploykit.bench.measure import measure
 from deploykit.export.parity import real_batches
 from deploykit.files import atomic_write_json, atomic_write_text
+from deploykit.loadtest.perf_analyzer import run_perf_analyzer, write_input_data
 from deploykit.loadtest.runner import run_locust
 from deploykit.loadtest.slo import get_slo, verdict
 from deploykit.machine import machine_info
@@ -38,6 +44,7 @@ from deploykit.progress import Reporter
 from deploykit.runtime import ort_session
 from deploykit.serve.server import free_ports, make_server
 from deploykit.serve.triton import find_triton
+from deploykit.serve.tune import tune_triton
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- serving:start -->", "<!-- serving:end -->"
@@ -67,10 +74,24 @@ def build_repo(root: Path, qs: Path, r18: Path) -> Path:
     return repo
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # locust and perf_analyzer are waited-for children
+    return usage.ru_utime + usage.ru_stime
+
+
 def load(url: str, model: str, users: int, duration: float, samples: Path, work: Path, **kw: Any) -> dict[str, Any]:
+    cpu, start = _children_cpu_s(), time.monotonic()
     result = run_locust(url, model, users=users, spawn_rate=users, duration_s=duration, samples=samples,
                         workdir=work / f"{model}-{kw.get('engine', 'triton')}-{users}", **kw)  # fmt: skip
-    return result.__dict__
+    return {**result.__dict__, "client_cores": (_children_cpu_s() - cpu) / (time.monotonic() - start)}
+
+
+def pa_load(url: str, model: str, users: int, duration: float, inputs: Path, work: Path) -> dict[str, Any]:
+    cpu, start = _children_cpu_s(), time.monotonic()
+    window_ms = int(duration * 1000 / 3)
+    level = run_perf_analyzer(url, model, concurrency=[users], out_dir=work / f"pa-{model}-{users}", input_data=inputs,
+                              measurement_interval_ms=window_ms, stability_percentage=25.0)[0]  # fmt: skip
+    return {**level, "client_cores": (_children_cpu_s() - cpu) / (time.monotonic() - start)}
 
 
 def median_of(rounds: list[dict[str, Any]], key: str) -> float:
@@ -111,11 +132,13 @@ def main() -> None:
     triton = make_server("triton", repo, ports=free_ports("triton"), log_dir=work)
     with triton:
         t_url, t_metrics = triton.infer_url, triton.metrics_url
+        qs_inputs = write_input_data(t_url, "qs_batched", qs_npy, work / "qs_input_data.json")
         for i, row in enumerate(rounds):  # Triton alone: an idle JVM beside it would only add noise
             print(f"triton round {i + 1}/{args.repeats}")
             row.update(
                 offline_p50_ms=measure(offline, qs_samples[:1], window_s=1.0).p50_ms,
                 one_user=load(t_url, "qs_batched", 1, d, qs_npy, work, metrics_url=t_metrics),
+                pa_one_user=pa_load(t_url, "qs_batched", 1, d, qs_inputs, work),
                 batched_8=load(t_url, "qs_batched", 8, d, qs_npy, work, metrics_url=t_metrics),
                 unbatched_8=load(t_url, "qs_unbatched", 8, d, qs_npy, work, metrics_url=t_metrics),
                 r18_1=load(t_url, "r18", 1, d, r18_npy, work, metrics_url=t_metrics),
@@ -132,7 +155,13 @@ def main() -> None:
                     torchserve_8=load(ts_url, "qs", 8, d, qs_npy, work, engine="torchserve",
                                       input_shape=qs_samples.shape[1:], metrics_url=ts_metrics),
                 )  # fmt: skip
+    print("tune: quickstart INT8 at 8 clients")
+    default = TritonModelOptions(execution_env=str(find_triton().python_env))
+    target_ms = get_slo("image_classification").max_latency_ms
+    tuned = tune_triton(qs, "qs", work / "tune", base=default, max_p95_ms=target_ms, concurrency=8, samples=qs_npy,
+                        budget_s=120.0)  # fmt: skip
     report = summarize(rounds, r18.stat().st_size / 1e6)
+    report["tune"] = {k: tuned[k] for k in ("tried", "best", "meets_slo", "throughput_vs_base", "max_p95_ms")}
     report.update(machine_before=machine_before, machine_after=machine_info(), settings=vars(args), rounds=rounds,
                   finished_utc=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}")  # fmt: skip
     atomic_write_json(work / "serving.json", report)
@@ -152,7 +181,10 @@ def summarize(rounds: list[dict[str, Any]], r18_mb: float) -> dict[str, Any]:
     r18 = {n: {f: med(f"r18_{n}", f) for f in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps")} for n in (1, 2)}
     return {
         "one_user": {"offline_p50_ms": offline, "served_p50_ms": med("one_user", "p50_ms"),
-                     "gap_ms": med("one_user", "p50_ms") - offline},
+                     "gap_ms": med("one_user", "p50_ms") - offline,
+                     "pa_p50_ms": med("pa_one_user", "p50_ms"), "pa_gap_ms": med("pa_one_user", "p50_ms") - offline,
+                     "locust_cores": med("one_user", "client_cores"), "pa_cores": med("pa_one_user", "client_cores"),
+                     "locust_rps": med("one_user", "throughput_rps"), "pa_rps": med("pa_one_user", "throughput_rps")},
         "batching": {"with_rps": med("batched_8", "throughput_rps"), "without_rps": med("unbatched_8", "throughput_rps"),
                      "ratio": med("batched_8", "throughput_rps") / med("unbatched_8", "throughput_rps"),
                      "round_ratios": [r["batched_8"]["throughput_rps"] / r["unbatched_8"]["throughput_rps"] for r in rounds],
@@ -178,7 +210,7 @@ def markdown(r: dict[str, Any]) -> str:
     one, b, tv, r18 = r["one_user"], r["batching"], r["triton_vs_torchserve"], r["resnet18"]
     lines = [
         START,
-        "## Serving (real Triton 2.51 and TorchServe 0.12, locust on the same machine)",
+        "## Serving (real Triton 2.51 and TorchServe 0.12; locust and perf_analyzer on the same machine)",
         "",
         f"Latest `python bench/serve_benchmarks.py`, {r['finished_utc']} UTC. {m['cpu']}, "
         f"{m['cores']} cores shared by servers and load generator; load average {m.get('load_avg')} before, "
@@ -197,6 +229,23 @@ def markdown(r: dict[str, Any]) -> str:
         f"{tv['triton']['p99_ms']:.2f} ms; TorchServe {tv['torchserve']['rps']:.0f} req/s, P99 "
         f"{tv['torchserve']['p99_ms']:.2f} ms | {tv['triton']['rps'] / tv['torchserve']['rps']:.2f}x throughput |",
     ]
+    lines += [
+        f"| quickstart INT8, 1 client, perf_analyzer: P50 overhead over in-process <= 0.5 ms | perf_analyzer P50 "
+        f"{one['pa_p50_ms']:.3f} ms ({one['pa_rps']:.0f} req/s, client {one['pa_cores']:.2f} cores), locust "
+        f"{one['served_p50_ms']:.3f} ms ({one['locust_rps']:.0f} req/s, client {one['locust_cores']:.2f} cores); "
+        f"overhead {one['pa_gap_ms']:.3f} ms | {met(one['pa_gap_ms'] <= 0.5)} |",
+    ]
+    if "tune" in r:
+        t = r["tune"]
+        best, base = t["tried"][t["best"]], t["tried"][0]
+        ok = t["meets_slo"] and t["throughput_vs_base"] >= 1.5 and best["p95_ms"] <= base["p95_ms"]
+        lines.append(
+            f"| `deploykit tune`, quickstart INT8, 8 clients: >= 1.5x the default config's throughput at equal or "
+            f"lower P95 | default {base['throughput_rps']:.0f} req/s P95 {base['p95_ms']:.2f} ms; tuned "
+            f"({best['instances']} instance(s) x {best['threads']} thread(s), max batch {best['max_batch_size']}, "
+            f"delay {best['max_queue_delay_us']} us) {best['throughput_rps']:.0f} req/s P95 {best['p95_ms']:.2f} ms = "
+            f"{t['throughput_vs_base']:.2f}x, of {len(t['tried'])} configs tried | {met(ok)} |"
+        )
     for n in ("1", "2"):
         v = r18[n]
         ok = (

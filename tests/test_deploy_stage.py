@@ -66,6 +66,29 @@ def test_deploy_needs_an_onnx_model_and_a_safe_name(tmp_path):
         )
 
 
+def test_perf_analyzer_and_tune_are_refused_on_torchserve():
+    base = {"name": "x", "data": {"dataset": "digits"}, "model": {"name": "resnet18"}}
+    for wrong in ({"client": "perf_analyzer"}, {"tune": True}, {"protocol": "grpc"}):
+        with pytest.raises(DeploykitError, match="Triton only|speaks http only"):
+            parse_pipeline({**base, "stages": [{"stage": "deploy", "engine": "torchserve", **wrong}]})
+
+
+def test_deploy_tunes_then_serves_the_tuned_config_judged_by_perf_analyzer(tmp_path):
+    deploy = {
+        "stage": "deploy", "tune": True, "tune_budget_s": 6, "client": "perf_analyzer", "users": [2],
+        "duration_s": 3, "slo": {"max_latency_ms": 1000.0, "min_throughput": 1.0},
+    }  # fmt: skip
+    m = run_pipeline(tiny_pipeline(tmp_path, [{"stage": "export"}, deploy]))[-1].metrics
+    assert m["passed"], m["checks_failed"]
+    tuned = m["tuned"]
+    assert tuned["candidates"] >= 1 and tuned["meets_slo"] and tuned["best"]["p95_ms"] <= 1000.0
+    config = (tmp_path / "tiny" / "deploy" / "model_repo" / "tiny" / "config.pbtxt").read_text()
+    assert f"max_batch_size: {tuned['best']['max_batch_size']}" in config  # what was served is what tune chose
+    assert m["served"][0]["users"] == 2 and m["served"][0]["throughput_rps"] > 0
+    saved = (tmp_path / "tiny" / "deploy" / "validation" / "perf_analyzer.csv").read_text()
+    assert saved.startswith("Concurrency,")
+
+
 def test_deploy_on_torchserve_validates_the_same_way(tmp_path):
     stages = [{"stage": "export"}, {"stage": "deploy", "engine": "torchserve", "duration_s": 0}]
     m = run_pipeline(tiny_pipeline(tmp_path, stages))[-1].metrics

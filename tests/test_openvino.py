@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,6 @@ from servers import export_tiny  # noqa: E402
 
 from deploykit.errors import DeploykitError  # noqa: E402
 from deploykit.pipeline.engine import run_pipeline  # noqa: E402
-from deploykit.pipeline.loader import parse_pipeline  # noqa: E402
 from deploykit.runtime import open_artifact, ort_session, ov_session  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,24 +41,33 @@ def test_openvino_refuses_a_broken_file_in_one_sentence(tmp_path):
 
 @pytest.fixture(scope="module")
 def ov_run(tmp_path_factory):
+    """train -> export -> openvino -> benchmark, run as a user runs it: `deploykit optimize` in its own process.
+
+    Its own process also keeps OpenVINO's and NNCF's native state out of the test process: with it inside, a
+    later test's Triton start-up crashed the interpreter (only after the whole suite before it, never alone).
+    """
     runs = tmp_path_factory.mktemp("runs")
-    cfg = parse_pipeline(
-        {
-            "name": "ov",
-            "runs_dir": str(runs),
-            "data": {"dataset": "digits", "image_size": 8},
-            "model": {"name": "resnet18", "options": {"stem": "cifar", "width_mult": 0.25}},
-            "stages": [
-                {"stage": "train", "epochs": 2, "batch_size": 32, "threads": 1},
-                {"stage": "export", "parity_batch_sizes": [1], "max_batch": 4},
-                {"stage": "openvino", "calibration_samples": 64, "threads": 1},
-                {"stage": "benchmark", "batch_sizes": [1], "warmup": 2, "window_s": 0.02, "max_windows": 4,
-                 "isolate": False, "threads": 1},
-            ],
-        }  # fmt: skip
-    )
-    outcomes = run_pipeline(cfg)
-    return runs / "ov", {o.name: o.metrics for o in outcomes}
+    pipeline = {
+        "name": "ov",
+        "runs_dir": str(runs),
+        "data": {"dataset": "digits", "image_size": 8},
+        "model": {"name": "resnet18", "options": {"stem": "cifar", "width_mult": 0.25}},
+        "stages": [
+            {"stage": "train", "epochs": 2, "batch_size": 32, "threads": 1},
+            {"stage": "export", "parity_batch_sizes": [1], "max_batch": 4},
+            {"stage": "openvino", "calibration_samples": 64, "threads": 1},
+            {"stage": "benchmark", "batch_sizes": [1], "warmup": 2, "window_s": 0.02, "max_windows": 4,
+             "isolate": False, "threads": 1},
+        ],
+    }  # fmt: skip
+    config = runs / "ov.yaml"
+    config.write_text(json.dumps(pipeline))  # JSON is YAML
+    argv = [sys.executable, "-m", "deploykit", "optimize", "-c", str(config), "--quiet"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = runs / "ov"
+    metas = [json.loads(p.read_text()) for p in sorted(run.glob("*/meta.json"))]
+    return run, {m["stage"]: m["metrics"] for m in metas}
 
 
 def test_openvino_stage_writes_checked_fp32_and_int8_ir(ov_run):
@@ -75,9 +85,6 @@ def test_openvino_stage_writes_checked_fp32_and_int8_ir(ov_run):
 
 
 def test_openvino_reproduce_script_rebuilds_the_fp32_ir(ov_run, tmp_path):
-    import subprocess
-    import sys
-
     run, _ = ov_run
     out = tmp_path / "again.xml"
     subprocess.run([sys.executable, str(run / "openvino/reproduce_openvino.py"), str(out)], check=True, timeout=120)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from servers import SAMPLE
+from servers import NAME, SAMPLE, export_tiny, portable_options
 
 from deploykit.errors import DeploykitError
 from deploykit.loadtest.metrics import scrape, total
@@ -54,3 +54,23 @@ def test_both_real_servers_answer_through_the_same_protocol(fixture, request):
     counter, label = server.traits.success_counter
     assert total(scrape(server.metrics_url), counter, {label: served.model}) >= 1  # the request above was counted
     assert server.log_path.is_file()
+
+
+def test_an_openvino_ir_is_served_by_the_real_triton(tmp_path):
+    """The benchmark may pick an OpenVINO IR: the portable model.py then runs it with OpenVINO inside Triton."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")
+    from deploykit.export.onnx2openvino import convert_onnx
+    from deploykit.package.triton_repo import write_triton_model
+    from deploykit.runtime import open_artifact
+
+    xml = convert_onnx(export_tiny(tmp_path / "tiny.onnx"), tmp_path / "ir" / "model.xml")
+    write_triton_model(tmp_path / "repo", NAME, xml, portable_options())
+    server = make_server("triton", tmp_path / "repo", ports=free_ports("triton"), log_dir=tmp_path)
+    server.start()
+    try:
+        assert server.failed_models() == {}
+        x = np.random.default_rng(1).standard_normal((3, *SAMPLE)).astype(np.float32)
+        got = OipClient(server.infer_url, NAME).infer(x)
+        np.testing.assert_allclose(got, open_artifact(xml, threads=1).run(x), rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop()

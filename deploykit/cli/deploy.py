@@ -232,7 +232,7 @@ def loadtest(
     client: Annotated[str, typer.Option(help="Load generator: locust, or perf_analyzer (Triton only).")] = "locust",
     stability: Annotated[
         float, typer.Option(help="perf_analyzer: % within which three windows in a row must agree.")
-    ] = 10.0,
+    ] = 25.0,
     protocol: Annotated[str, typer.Option(help="Transport: http, or grpc (Triton).")] = "http",
     grpc_url: Annotated[str | None, typer.Option(help="gRPC endpoint [host:8001].")] = None,
     metrics_url: Annotated[str | None, typer.Option(help="Prometheus endpoint to scrape before and after.")] = None,
@@ -274,6 +274,55 @@ def loadtest(
     console.print(f"results: {out}")
     if verdict and not verdict["passed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def tune(
+    model_file: Annotated[Path, typer.Argument(help="The model to serve: .onnx or an OpenVINO .xml.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name on the server.")] = "model",
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients the config must carry.")] = 8,
+    slo: SloOpt = "image_classification",
+    max_latency_ms: MaxLatency = None,
+    samples: Annotated[Path | None, typer.Option(help=".npy of real inputs [N, C, H, W] to send.")] = None,
+    budget: Annotated[
+        float, typer.Option(help="Seconds of search at most (the base config is always measured).")
+    ] = 120.0,
+    runtime: Annotated[str, typer.Option(help="What runs an ONNX model: onnxruntime or openvino.")] = "onnxruntime",
+    out: Out = Path("tune"),
+) -> None:
+    """Search Triton's instances, max batch and queue delay with short perf_analyzer runs; write the config with
+    the most throughput whose P95 meets the SLO, and the table of everything tried."""
+    from deploykit.package.triton_repo import TritonModelOptions
+    from deploykit.progress import Reporter
+    from deploykit.serve.triton import find_triton
+    from deploykit.serve.tune import tune_triton
+
+    if not model_file.is_file():
+        raise DeploykitError(f"Model file {model_file} does not exist: export one with `deploykit optimize` first.")
+    target = _slo(slo, max_latency_ms, None)
+    if target is None:
+        raise DeploykitError("tune needs a latency target: pass --slo TASK (and --max-latency-ms to override it).")
+    env = find_triton().python_env
+    base = TritonModelOptions(runtime=runtime, execution_env=str(env) if env else None)
+    with Reporter() as reporter:
+        result = tune_triton(
+            model_file, name, out, base=base, max_p95_ms=target.max_latency_ms, concurrency=concurrency,
+            samples=samples, budget_s=budget, reporter=reporter,
+        )  # fmt: skip
+    table = Table(title=f"deploykit tune: '{name}' at {concurrency} clients, P95 <= {target.max_latency_ms:g} ms")
+    for col in ("", "instances", "threads", "max batch", "delay us", "P50 ms", "P95 ms", "req/s"):
+        table.add_column(col, justify="right")
+    for i, row in enumerate(result["tried"]):
+        mark = "best" if i == result["best"] else ("base" if i == 0 else "")
+        numbers = [f"{row[k]:.2f}" if row[k] is not None else "failed" for k in ("p50_ms", "p95_ms", "throughput_rps")]
+        settings = (row["instances"], row["threads"], row["max_batch_size"], row["max_queue_delay_us"])
+        table.add_row(mark, *(str(v) for v in settings), *numbers)
+    console.print(table)
+    ratio = result["throughput_vs_base"]
+    verdict = "meets the SLO" if result["meets_slo"] else "[red]no config met the SLO[/red]: the lowest P95 is kept"
+    console.print(f"{verdict}; {ratio:.2f}x the base config's throughput" if ratio else verdict)
+    console.print(f"config: {result['config']}  (model repository: {out / 'model_repo'}; table: {out / 'tune.json'})")
 
 
 @app.command()

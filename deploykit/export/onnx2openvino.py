@@ -6,10 +6,12 @@ leaves an .xml without its .bin.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,27 @@ def quantize_nncf(
 
     With `validation` (batches of (x, labels)) and `max_drop` (top-1 points), NNCF's accuracy-controlled
     quantization reverts the layers that cost the most accuracy until the drop is within `max_drop`.
+
+    NNCF runs in a child process: even for an OpenVINO model it loads its torch function hooks (nncf.torch) into
+    the process that calls it, where deploykit's own torch work (export, training, serving checks) goes on; the
+    child leaves this process as it was, for a few seconds of start-up.
     """
+    if validation is not None and max_drop is None:
+        raise DeploykitError("Accuracy-controlled quantization needs max_drop: set max_accuracy_drop.")
+    spawn = multiprocessing.get_context("spawn")  # a fork would carry this process's threads and state along
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        job = pool.submit(_quantize_here, onnx_path, xml, list(calibration), preset, validation, max_drop)
+        return job.result()
+
+
+def _quantize_here(
+    onnx_path: Path,
+    xml: Path,
+    calibration: list[np.ndarray],
+    preset: str,
+    validation: Sequence[tuple[np.ndarray, np.ndarray]] | None,
+    max_drop: float | None,
+) -> Path:
     import nncf
 
     model = read_onnx(onnx_path)
@@ -82,8 +104,6 @@ def quantize_nncf(
     if validation is None:
         quantized = nncf.quantize(model, data, **kwargs)
     else:
-        if max_drop is None:
-            raise DeploykitError("Accuracy-controlled quantization needs max_drop: set max_accuracy_drop.")
         quantized = nncf.quantize_with_accuracy_control(
             model,
             data,

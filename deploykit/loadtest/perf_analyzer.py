@@ -46,6 +46,10 @@ _SERVER_COLUMNS = {
 }
 
 
+class UnstableMeasurement(DeploykitError):
+    """perf_analyzer found no three windows in a row that agreed within the stability bound."""
+
+
 def _candidate_binaries() -> list[Path]:
     project = Path(__file__).resolve().parents[2]  # a source checkout keeps .venv-perf beside deploykit/
     return [Path.cwd() / PERF_ENV / "bin" / "perf_analyzer", project / PERF_ENV / "bin" / "perf_analyzer"]
@@ -216,12 +220,13 @@ def run_perf_analyzer(
             log += done.stdout
             atomic_write_text(out_dir / LOG_NAME, log)
             if done.returncode != 0:
+                unstable = done.returncode == 2  # perf_analyzer's code for "no stable measurement"
                 hint = (
                     "raise measurement_interval_ms, stability_percentage or max_trials"
-                    if done.returncode == 2  # perf_analyzer's code for "no stable measurement"
+                    if unstable
                     else "check the model name, the URL and the protocol"
                 )
-                raise DeploykitError(
+                raise (UnstableMeasurement if unstable else DeploykitError)(
                     f"perf_analyzer exited with code {done.returncode} on model '{model}' at {target} "
                     f"({_tail(done.stdout)}): {hint} (full output: {out_dir / LOG_NAME})."
                 )
@@ -289,24 +294,30 @@ def perf_loadtest(
     samples: Path | None = None,
     slo: SLO | None = None,
     size_mb: float | None = None,
-    stability_percentage: float = 10.0,
+    stability_percentage: float = 25.0,
 ) -> dict[str, Any]:
     """A load test with perf_analyzer shaped as the locust runner's result (levels, verdict at the top level):
-    windows of `duration_s` / 3, since perf_analyzer needs three stable windows per level."""
+    windows of `duration_s` / 3, since perf_analyzer needs three stable windows per level. Stability is 25%, not
+    perf_analyzer's 10%: sub-millisecond P95s on shared cores rarely settle within 10% in ten windows."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     input_data = write_input_data(url, model, samples, out_dir / "input_data.json") if samples else None
-    levels = run_perf_analyzer(
-        url, model, concurrency=[users] if isinstance(users, int) else users, out_dir=out_dir, protocol=protocol,
-        grpc_url=grpc_url, measurement_interval_ms=max(500, int(duration_s * 1000 / 3)), input_data=input_data,
-        stability_percentage=stability_percentage,
-    )  # fmt: skip
+    settings = {
+        "concurrency": [users] if isinstance(users, int) else users, "out_dir": out_dir, "protocol": protocol,
+        "grpc_url": grpc_url, "measurement_interval_ms": max(500, int(duration_s * 1000 / 3)), "input_data": input_data,
+    }  # fmt: skip
+    try:
+        levels = run_perf_analyzer(url, model, stability_percentage=stability_percentage, **settings)
+    except UnstableMeasurement:  # a neighbour's burst on shared cores: once more, with twice the bound, and say so
+        stability_percentage = min(100.0, 2 * stability_percentage)
+        levels = run_perf_analyzer(url, model, stability_percentage=stability_percentage, **settings)
     return {
         "client": "perf_analyzer",
         "model": model,
         "url": url,
         "engine": "triton",
         "protocol": protocol,
+        "stability_percentage": stability_percentage,
         "levels": levels,
         "verdict": judge(levels, slo, size_mb=size_mb) if slo else None,
     }

@@ -356,31 +356,16 @@ def plot_levels(results: list[LoadResult], path: Path) -> None:
 
 
 def levels_table(result: dict[str, Any]) -> Table:
-    """One row per concurrency level of a `run_loadtest` result."""
-    table = Table(title=f"Load test of '{result['model']}' over {result['protocol']}")
-    for column in ("users", "P50 ms", "P95 ms", "P99 ms", "req/s", "errors"):
-        table.add_column(column, justify="right")
-    for level in result["levels"]:
-        table.add_row(
-            str(level["users"]),
-            f"{level['p50_ms']:.2f}",
-            f"{level['p95_ms']:.2f}",
-            f"{level['p99_ms']:.2f}",
-            f"{level['throughput_rps']:.1f}",
-            f"{100 * level['error_rate']:.2f}%",
-        )
-    return table
-
-
-def levels_table(result: dict[str, Any]) -> Table:
     """P50/P95/P99 and throughput per concurrency level of a load test (locust's or perf_analyzer's)."""
     client = result.get("client", "locust")
     table = Table(title=f"Load test of '{result['model']}' over {result['protocol']} ({client})")
-    for column in ("users", "P50 ms", "P95 ms", "P99 ms", "req/s"):
+    for column in ("users", "P50 ms", "P95 ms", "P99 ms", "req/s", "errors"):
         table.add_column(column, justify="right")
     for level in result["levels"]:
         ms = (f"{level[k]:.2f}" for k in ("p50_ms", "p95_ms", "p99_ms"))
-        table.add_row(str(level["users"]), *ms, f"{level['throughput_rps']:.1f}")
+        # perf_analyzer stops (and deploykit raises) on the first failed request: its levels have none
+        errors = f"{100 * level['error_rate']:.2f}%" if "error_rate" in level else "0"
+        table.add_row(str(level["users"]), *ms, f"{level['throughput_rps']:.1f}", errors)
     return table
 
 

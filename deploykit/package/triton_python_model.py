@@ -168,7 +168,7 @@ def openvino_runner(path: str, output_names: list[str], threads: int | None, spi
             result = request.infer(feed)
         except RuntimeError as e:  # OpenVINO raises RuntimeError for inputs it cannot take
             raise RequestError(f"OpenVINO rejected this input: {e}") from None
-        return [np.asarray(result[o]) for o in outputs]
+        return [np.array(result[o], copy=True) for o in outputs]  # the request's buffers are reused
 
     return run
 

@@ -45,7 +45,9 @@ class OpenVinoSession(Session):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         result = self._request.infer({0: as_input(x)})
-        return np.asarray(result[self._output], dtype=np.float32)
+        # A copy: OpenVINO's result shares the request's output buffer, which the next run (or freeing the
+        # session) overwrites while the caller still holds the array.
+        return np.array(result[self._output], dtype=np.float32, copy=True)
 
 
 def ov_session(path: Path, threads: int | None = None) -> Session:

@@ -95,3 +95,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+class ServedEndpoints:
+    """What every server class shares: `endpoints` (with a "metrics" entry) and the `process` it runs in."""
+
+    endpoints: dict[str, str]
+    process: ServerProcess | None
+
+    @property
+    def metrics_url(self) -> str:
+        return self.endpoints["metrics"]
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+

@@ -19,12 +19,12 @@ from types import TracebackType
 from deploykit.errors import DeploykitError
 from deploykit.package.torchserve_archive import read_store_models, write_config_properties
 from deploykit.serve.engines import ENGINES
-from deploykit.serve.process import ServerProcess, client_host, free_port
+from deploykit.serve.process import ServedEndpoints, ServerProcess, client_host, free_port
 
 MIN_JAVA = 11
 
 
-class TorchServeServer:
+class TorchServeServer(ServedEndpoints):
     """`with TorchServeServer(store, inference_port=...) as ts:` serves every .mar of `store` until the block ends."""
 
     def __init__(
@@ -70,14 +70,6 @@ class TorchServeServer:
     @property
     def grpc_url(self) -> None:
         return None  # its gRPC API is not deploykit's OIP one: load tests and checks use HTTP
-
-    @property
-    def metrics_url(self) -> str:
-        return self.endpoints["metrics"]
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
     @property
     def log_path(self) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 from deploykit.errors import DeploykitError
 from deploykit.package.names import validate_model_name
 from deploykit.serve.engines import ENGINES
-from deploykit.serve.process import ServerProcess, client_host
+from deploykit.serve.process import ServedEndpoints, ServerProcess, client_host
 
 TRITON_ENV_VAR = "DEPLOYKIT_TRITON_ENV"
 _WHEEL_SERVER = "pytriton/tritonserver"
@@ -123,7 +123,7 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 120.
         raise DeploykitError(f"No server answers at {url} ({e}): start one with `deploykit serve`.") from None
 
 
-class TritonServer:
+class TritonServer(ServedEndpoints):
     """One Triton process on `repo`, in explicit model-control mode so models can be loaded, unloaded and rolled back.
 
     Use as a context manager, or call `start()` and `stop()`. Binds `host` (127.0.0.1 by default).
@@ -158,14 +158,6 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return self.endpoints["grpc"]
-
-    @property
-    def metrics_url(self) -> str:
-        return self.endpoints["metrics"]
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
     def failed_models(self) -> dict[str, str]:
         return self.control.failed_models()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from deploykit.artifacts import ArtifactRef, StageResult, deployable
 from deploykit.errors import DeploykitError
+from deploykit.files import atomic_path
 from deploykit.loadtest.slo import SLOSettings
 from deploykit.package.names import validate_model_name
 from deploykit.package.triton_repo import TritonModelOptions
@@ -42,13 +44,19 @@ class DeployConfig(SLOSettings):
     client: Literal["locust", "perf_analyzer"] = Field(
         "locust", description="Load generator: locust, or Triton's perf_analyzer (Triton only)."
     )
+    tune: bool = Field(
+        False,
+        description="Triton: first search instances, max batch and queue delay (short perf_analyzer runs at the "
+        "highest users level) and serve the config with the most throughput whose P95 meets the SLO.",
+    )
+    tune_budget_s: float = Field(120.0, gt=0.0, description="Seconds the tuning search may take at most.")
     fail_on_breach: bool = Field(False, description="Fail the run when a check or the SLO fails.")
     start_timeout_s: float = Field(120.0, gt=0.0, description="Seconds to wait for the server to become ready.")
 
     @model_validator(mode="after")
     def _client_speaks_the_engine(self) -> DeployConfig:
-        if self.client == "perf_analyzer" and self.engine != "triton":
-            raise ValueError("perf_analyzer speaks Triton's protocols only: use client: locust for TorchServe")
+        if (self.client == "perf_analyzer" or self.tune) and self.engine != "triton":
+            raise ValueError("perf_analyzer and tune work with Triton only: use client: locust, tune: false")
         if self.protocol not in engine_traits(self.engine).protocols:
             raise ValueError(f"{self.engine} speaks http only here: set protocol: http")
         return self
@@ -108,8 +116,8 @@ class DeployStage(Stage):
         ref = _to_serve(ctx, cfg.source, cfg.engine)
         model_path = ref.path
         ctx.reporter.log(f"deploy: serving {ref.label}, {model_path.name} ({ref.why}) as '{name}' on {cfg.engine}")
-        server, artifacts = self._package_and_server(ctx, name, ref)
         samples = real_batches(ctx.data(), [SAMPLES])[0]
+        server, artifacts, tuned = self._package_and_server(ctx, name, ref, samples)
         slo = cfg.target()
         server.start(timeout=cfg.start_timeout_s)
         try:
@@ -129,7 +137,7 @@ class DeployStage(Stage):
                 duration_s=cfg.duration_s,
                 spawn_rate=cfg.spawn_rate,
                 protocol=cfg.protocol,
-                client=cfg.client,
+                load_client=cfg.client,
                 slo=slo,
                 size_mb=(ctx.stats(ref).bytes or model_path.stat().st_size) / 1e6,
                 reporter=ctx.reporter,
@@ -138,6 +146,12 @@ class DeployStage(Stage):
             server.stop()
         served = {"key": ref.key, "label": ref.label, "sha256": ref.sha256, "file": model_path.name, "why": ref.why}
         metrics = {"engine": cfg.engine, "model": name, "served_model": served, **_summary(result)}
+        if tuned:
+            best = tuned["tried"][tuned["best"]]
+            metrics["tuned"] = {
+                "best": best, "base": tuned["tried"][0], "meets_slo": tuned["meets_slo"],
+                "throughput_vs_base": tuned["throughput_vs_base"], "candidates": len(tuned["tried"]),
+            }  # fmt: skip
         if cfg.fail_on_breach and not result["passed"]:
             raise DeploykitError(
                 f"Deployment validation of '{name}' failed ({'; '.join(metrics['checks_failed'])}): "
@@ -148,10 +162,13 @@ class DeployStage(Stage):
             artifacts["served_latency_plot"] = "validation/latency_vs_concurrency.png"
         return StageResult(artifacts=artifacts, metrics=metrics)
 
-    def _package_and_server(self, ctx: StageContext, name: str, ref: ArtifactRef) -> tuple[Server, dict[str, str]]:
+    def _package_and_server(
+        self, ctx: StageContext, name: str, ref: ArtifactRef, samples: np.ndarray
+    ) -> tuple[Server, dict[str, str], dict[str, Any] | None]:
         """Write the model repository (or archive) into the stage folder and a server for it on free ports, not
-        started."""
+        started; with `tune`, the repository holds the tuned config and the search's result comes back too."""
         cfg = self.config
+        tuned = None
         if cfg.engine == "torchserve":
             from deploykit.package.torchserve_archive import write_torchserve_archive
 
@@ -169,9 +186,35 @@ class DeployStage(Stage):
             options = cfg.triton.model_copy(update={"runtime": ref.runs_on})  # the runtime the benchmark chose it on
             if options.flavour == "portable" and options.execution_env is None and install.python_env:
                 options = options.model_copy(update={"execution_env": str(install.python_env)})
+            artifacts = {"triton_config": f"model_repo/{name}/config.pbtxt"}
+            if cfg.tune:
+                options, tuned = self._tune(ctx, name, ref, options, samples)
+                artifacts["tune"] = "tune/tune.json"
             repo = ctx.out_dir / "model_repo"
             write_triton_model(repo, name, ref.path, options, version=1)
-            artifacts = {"triton_config": f"model_repo/{name}/config.pbtxt"}
         logs = ctx.out_dir / "server-logs"
         server = make_server(cfg.engine, repo, host=cfg.host, ports=free_ports(cfg.engine), log_dir=logs)
-        return server, artifacts
+        return server, artifacts, tuned
+
+    def _tune(
+        self, ctx: StageContext, name: str, ref: ArtifactRef, base: TritonModelOptions, samples: np.ndarray
+    ) -> tuple[TritonModelOptions, dict[str, Any]]:
+        from deploykit.serve.tune import tune_triton
+
+        cfg = self.config
+        out = ctx.out_dir / "tune"
+        out.mkdir(parents=True, exist_ok=True)
+        samples_file = out / "samples.npy"
+        with atomic_path(samples_file) as tmp, open(tmp, "wb") as f:
+            np.save(f, samples)
+        result = tune_triton(
+            ref.path, name, out, base=base, max_p95_ms=cfg.target().max_latency_ms, concurrency=max(cfg.users),
+            samples=samples_file, budget_s=cfg.tune_budget_s, reporter=ctx.reporter,
+        )  # fmt: skip
+        best = result["tried"][result["best"]]
+        ctx.reporter.log(
+            f"deploy: tuned config: {best['instances']} instance(s), max batch {best['max_batch_size']}, "
+            f"queue delay {best['max_queue_delay_us']} us "
+            f"({result['throughput_vs_base'] or 0:.2f}x the base config's throughput)"
+        )
+        return TritonModelOptions.model_validate(result["best_options"]), result

@@ -78,14 +78,15 @@ def validate_server(
     duration_s: float = 10.0,
     spawn_rate: float = 10.0,
     protocol: str = "http",
-    client: str = "locust",
+    load_client: str = "locust",
     slo: SLO | None = None,
     size_mb: float | None = None,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run every check, then (when `duration_s` > 0) the load test; writes out_dir/validation.json and returns it.
 
-    The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime`.
+    The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime`; the load
+    test runs on `load_client` (locust, or perf_analyzer for Triton).
     """
     reporter = reporter or silent()
     out_dir = Path(out_dir)
@@ -113,7 +114,7 @@ def validate_server(
         samples_file = out_dir / "samples.npy"
         with atomic_path(samples_file) as tmp, open(tmp, "wb") as f:
             np.save(f, samples)
-        if client == "perf_analyzer":
+        if load_client == "perf_analyzer":
             from deploykit.loadtest.perf_analyzer import perf_loadtest
 
             loadtest = perf_loadtest(
@@ -122,22 +123,10 @@ def validate_server(
             )  # fmt: skip
         else:
             loadtest = run_loadtest(
-                url,
-                model,
-                users=users,
-                spawn_rate=spawn_rate,
-                duration_s=duration_s,
-                engine=engine,
-                protocol=protocol,
-                grpc_url=grpc_url,
-                samples=samples_file,
-                input_shape=tuple(shape),
-                metrics_url=metrics_url,
-                out_dir=out_dir,
-                slo=slo,
-                size_mb=size_mb,
-                reporter=reporter,
-            )
+                url, model, users=users, spawn_rate=spawn_rate, duration_s=duration_s, engine=engine,
+                protocol=protocol, grpc_url=grpc_url, samples=samples_file, input_shape=tuple(shape),
+                metrics_url=metrics_url, out_dir=out_dir, slo=slo, size_mb=size_mb, reporter=reporter,
+            )  # fmt: skip
         load_checks = _load_checks(loadtest)
         _log(reporter, load_checks)
         checks += load_checks

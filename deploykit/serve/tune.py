@@ -1,0 +1,151 @@
+"""Triton settings tuned to the SLO by measurement (what Model Analyzer did): instances, batching, queue delay.
+
+One Triton runs the model in explicit control mode; each candidate rewrites the model's config and reloads it,
+then perf_analyzer measures it at the target concurrency for a few seconds. The config kept is the one with the
+most throughput whose P95 meets the SLO (the lowest P95 when none does), written with the table of all tried.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from deploykit.errors import DeploykitError
+from deploykit.files import atomic_write_json
+from deploykit.loadtest.perf_analyzer import run_perf_analyzer, write_input_data
+from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
+from deploykit.progress import Reporter, silent
+from deploykit.serve.server import free_ports, make_server
+
+SEARCHED = ("instances", "max_batch_size", "dynamic_batching", "max_queue_delay_us", "threads")
+_QUEUE_DELAYS_US = (0, 500)
+
+
+def candidates(base: TritonModelOptions, cores: int) -> list[TritonModelOptions]:
+    """The base config first (the baseline), then instances x max batch x batching x queue delay, with the
+    instances sharing the cores.
+
+    The max batch size is never lowered below the base's: Triton refuses a client's batch above it, so a smaller
+    one would change what clients may send. A delay only matters with dynamic batching on.
+    """
+    found = [base]
+    batches = (base.max_batch_size, 2 * base.max_batch_size) if base.max_batch_size else (0,)
+    for instances in (1, 2):
+        threads = max(1, cores // instances)
+        for batch in batches:
+            for dynamic, delay in [(False, 0), *((True, d) for d in _QUEUE_DELAYS_US)] if batch else [(False, 0)]:
+                changes = {"instances": instances, "threads": threads, "max_batch_size": batch,
+                           "dynamic_batching": dynamic, "max_queue_delay_us": delay}  # fmt: skip
+                found.append(base.model_copy(update=changes))
+    unique: list[TritonModelOptions] = []
+    for options in found:  # the base may equal a grid point: measure it once
+        if options not in unique:
+            unique.append(options)
+    return unique
+
+
+def _row(options: TritonModelOptions, level: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+    settings = {k: getattr(options, k) for k in SEARCHED}
+    if level is None:
+        return {**settings, "p50_ms": None, "p95_ms": None, "throughput_rps": None, "error": error}
+    return {**settings, **{k: level[k] for k in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps")}, "error": None}
+
+
+def best_row(rows: list[dict[str, Any]], max_p95_ms: float) -> tuple[int, bool]:
+    """Index of the most throughput whose P95 meets `max_p95_ms` (True), else of the lowest P95 (False)."""
+    measured = [i for i, r in enumerate(rows) if r["throughput_rps"] is not None]
+    if not measured:
+        first = rows[0]["error"] if rows else "none ran"
+        raise DeploykitError(f"No tuning candidate could be measured (the first: {first}): fix that, then tune again.")
+    meeting = [i for i in measured if rows[i]["p95_ms"] <= max_p95_ms]
+    if meeting:
+        return max(meeting, key=lambda i: rows[i]["throughput_rps"]), True
+    return min(measured, key=lambda i: rows[i]["p95_ms"]), False
+
+
+def tune_triton(
+    model_file: Path,
+    name: str,
+    out_dir: Path,
+    *,
+    base: TritonModelOptions,
+    max_p95_ms: float,
+    concurrency: int = 8,
+    samples: Path | None = None,
+    budget_s: float = 120.0,
+    window_ms: int = 1000,
+    stability_pct: float = 50.0,
+    cores: int | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Search Triton settings for `model_file` served as `name`; write out_dir/model_repo (the best config),
+    out_dir/config.pbtxt and out_dir/tune.json (every candidate, the pick, and its ratio to the base config).
+
+    Stops starting candidates once `budget_s` is spent (the base config is always measured first). Each is
+    measured in `window_ms` windows until three agree within `stability_pct` (loose by default: on a shared 2-core
+    machine a tighter bound often never settles, and every candidate is compared in the same run)."""
+    reporter = reporter or silent()
+    out_dir = Path(out_dir)
+    work = out_dir / "search"
+    shutil.rmtree(work, ignore_errors=True)
+    repo = work / "model_repo"
+    tried = candidates(base, cores or os.cpu_count() or 1)
+    write_triton_model(repo, name, model_file, tried[0], version=1)  # refuses a bad model before any server starts
+    server = make_server("triton", repo, ports=free_ports("triton"), log_dir=work)
+    rows: list[dict[str, Any]] = []
+    deadline = time.monotonic() + budget_s
+    server.start()
+    try:
+        control = server.control
+        inputs = write_input_data(server.infer_url, name, samples, work / "input_data.json") if samples else None
+        with reporter.task("tune: Triton settings", total=len(tried)) as task:
+            for i, options in enumerate(tried):
+                if i and time.monotonic() > deadline:
+                    reporter.log(f"tune: {budget_s:g} s budget spent after {i} of {len(tried)} candidates")
+                    break
+                level, error = None, None
+                try:
+                    if i:
+                        shutil.rmtree(repo / name)
+                        write_triton_model(repo, name, model_file, options, version=1)
+                        control.load(name)
+                    level = run_perf_analyzer(
+                        server.infer_url, name, concurrency=[concurrency], out_dir=work / f"candidate-{i}",
+                        measurement_interval_ms=window_ms, stability_percentage=stability_pct, max_trials=6,
+                        input_data=inputs, timeout_s=max(deadline - time.monotonic(), 30.0),
+                    )[0]  # fmt: skip
+                except DeploykitError as e:  # one config Triton cannot load, or that never settles, is a row
+                    error = str(e)
+                rows.append(_row(options, level, error))
+                task.advance()
+    finally:
+        server.stop()
+
+    atomic_write_json(out_dir / "tune.json", {"model": name, "tried": rows})  # kept even when none measured
+    best, meets = best_row(rows, max_p95_ms)
+    chosen = tried[best]
+    final = out_dir / "model_repo"
+    shutil.rmtree(final, ignore_errors=True)
+    write_triton_model(final, name, model_file, chosen, version=1)
+    shutil.copyfile(final / name / "config.pbtxt", out_dir / "config.pbtxt")
+    baseline = rows[0]
+    ratio = (
+        rows[best]["throughput_rps"] / baseline["throughput_rps"] if baseline["throughput_rps"] else None
+    )  # the base config's own error leaves no ratio
+    result = {
+        "model": name,
+        "concurrency": concurrency,
+        "max_p95_ms": max_p95_ms,
+        "budget_s": budget_s,
+        "tried": rows,
+        "best": best,
+        "meets_slo": meets,
+        "best_options": chosen.model_dump(),
+        "throughput_vs_base": ratio,
+        "config": str(out_dir / "config.pbtxt"),
+    }
+    atomic_write_json(out_dir / "tune.json", result)
+    return result
