@@ -78,6 +78,7 @@ def _section(name: str, run_dir: Path) -> list[str]:
             f"INT8 ({m.get('method')}): {accuracy}, file {_fmt(m.get('size_ratio'), 3)}x the FP32 file, "
             f"deployable: {(bench['deployable'] or {}).get('label')} ({m.get('deployable_reason')}).",
         ]
+    lines += _selection_lines(bench)
     target = LATENCY_TARGETS_MS.get(name)
     int8 = [r for r in bench["results"] if r["precision"] == "int8" and r["batch"] == 1]
     if target and int8:
@@ -85,6 +86,39 @@ def _section(name: str, run_dir: Path) -> list[str]:
         verdict = "met" if p50 <= target else "NOT met"
         lines += ["", f"Target: INT8 P50 at batch 1 <= {target} ms: {_fmt(p50)} ms, {verdict}."]
     return lines + [""]
+
+
+def _selection_lines(bench: dict) -> list[str]:
+    """The pick against the other candidates of the same run (issue 9's ratios), at the selection batch."""
+    sel = bench.get("selection") or {}
+    pick = next((r for r in bench["results"] if r["deployable"]), None)
+    if not pick:
+        return []
+    rows = [r for r in bench["results"] if r["batch"] == pick["batch"] and r["p50_ms"]]
+
+    def fastest(runs_on: str, precision: str) -> dict | None:
+        found = [r for r in rows if r["runs_on"] == runs_on and r["precision"] == precision]
+        return min(found, key=lambda r: r["p50_ms"], default=None)
+
+    lines = ["", f"Pick: {pick['artifact']} on {pick['runs_on']} ({sel.get('reason', 'the deployable model')})."]
+    rivals = {"ORT INT8": fastest("onnxruntime", "int8"), "OpenVINO INT8": fastest("openvino", "int8"),
+              "OpenVINO FP32": fastest("openvino", "fp32")}  # fmt: skip
+    measured = {k: r for k, r in rivals.items() if r}
+    if measured:
+        best_name, best = min(measured.items(), key=lambda kv: kv[1]["p50_ms"])
+        ratio = pick["p50_ms"] / best["p50_ms"]
+        lines.append(
+            f"Target: pick no slower than the best of ORT INT8 / OpenVINO INT8 / OpenVINO FP32 (ratio <= 1.02): "
+            f"{ratio:.3f} against {best_name} ({_fmt(best['p50_ms'])} ms), {'met' if ratio <= 1.02 else 'NOT met'}."
+        )
+    eager, ort_fp32 = fastest("torch", "fp32"), fastest("onnxruntime", "fp32")
+    if eager:
+        speedup = eager["p50_ms"] / pick["p50_ms"]
+        lines.append(f"Target: pick >= 4x PyTorch eager FP32: {speedup:.2f}x, {'met' if speedup >= 4 else 'NOT met'}.")
+    if ort_fp32 and pick["precision"] == "int8":
+        speedup = ort_fp32["p50_ms"] / pick["p50_ms"]
+        lines.append(f"Target: INT8 pick >= 1.9x ORT FP32: {speedup:.2f}x, {'met' if speedup >= 1.9 else 'NOT met'}.")
+    return lines
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ def test_config_error_exits_2_with_one_sentence(in_tmp):
 
 
 @pytest.mark.slow
+@pytest.mark.openvino  # the pick may run on OpenVINO, in-process for the served parity check
 def test_quickstart_full_chain_decides_serves_judges_and_reruns_from_cache(in_tmp):
     """What the chain decides and proves, never how fast this machine is: CI machines differ 3x in INT8 speed."""
     from deploykit.loadtest.slo import get_slo, verdict

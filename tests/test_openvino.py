@@ -17,7 +17,7 @@ from deploykit.errors import DeploykitError  # noqa: E402
 from deploykit.pipeline.engine import run_pipeline  # noqa: E402
 from deploykit.runtime import open_artifact, ort_session, ov_session  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.openvino]
 
 
 def test_openvino_session_matches_onnxruntime_on_the_same_file(tmp_path):

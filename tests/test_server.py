@@ -56,6 +56,7 @@ def test_both_real_servers_answer_through_the_same_protocol(fixture, request):
     assert server.log_path.is_file()
 
 
+@pytest.mark.openvino
 def test_an_openvino_ir_is_served_by_the_real_triton(tmp_path):
     """The benchmark may pick an OpenVINO IR: the portable model.py then runs it with OpenVINO inside Triton."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")

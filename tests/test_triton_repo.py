@@ -344,7 +344,7 @@ def _initialized(repo: Path, version: Path, name: str = "digits") -> tpm.TritonP
     return model
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.openvino)])
 def test_python_model_serves_a_written_repository(onnx_file, tmp_path, monkeypatch, runtime):
     if runtime == "openvino":
         pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")
@@ -373,6 +373,7 @@ def test_python_model_serves_a_written_repository(onnx_file, tmp_path, monkeypat
     assert responses[1].error.code == "INVALID_ARG" and "input 'input' is missing" in responses[1].error.message
 
 
+@pytest.mark.openvino
 def test_openvino_ir_is_packaged_with_its_weights_portable_and_native(onnx_file, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")
     from deploykit.export.onnx2openvino import convert_onnx
