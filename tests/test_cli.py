@@ -90,6 +90,8 @@ def test_quickstart_full_chain_decides_serves_judges_and_reruns_from_cache(in_tm
     report = (run / "report/report.md").read_text()
     assert "## SLO verdict" in report and f"Deployable artifact: {served['label']}, picked by the benchmark stage" in report
     assert f"{served['label']} ({served['file']}" in report.split("## Served", 1)[1]
+    sqnr = report.split("## Quantization: per-layer SQNR", 1)[1].split("\n## ", 1)[0]
+    assert sqnr.count("| Conv |") == len(quant["sensitivity"]) > 0  # which layer INT8 hurt most, with its module
 
     result = runner.invoke(app, ["optimize", "-c", "q.yaml", "-q"])
     assert result.exit_code == 0 and result.stdout.count("cached") == 8

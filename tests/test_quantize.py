@@ -115,6 +115,9 @@ def test_ptq_pipeline_writes_a_u8s8_per_channel_qdq_model(run):
     assert metrics["parity"]["top1_agreement"] >= 0.95 and metrics["parity"]["samples"] == 128
     assert metrics["size_ratio"] <= 0.35 and metrics["int8_bytes"] < metrics["fp32_bytes"]
     assert metrics["accuracy_goal_met"] and metrics["excluded_nodes"] == [] and len(metrics["attempts"]) == 1
+    layers = metrics["sensitivity"]  # ranked for the report although no fallback was needed
+    assert 0 < len(layers) <= 10 and [x["loss_db"] for x in layers] == sorted((x["loss_db"] for x in layers), reverse=True)
+    assert all(x["module"] for x in layers)  # the PyTorch module each ONNX node was exported from
     assert abs(metrics["accuracy_drop"] - 100 * (metrics["fp32_accuracy"] - metrics["int8_accuracy"])) < 1e-3
     # One real measurement on this machine, with the load beside it.
     latency = metrics["latency"]

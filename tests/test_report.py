@@ -135,6 +135,7 @@ def test_report_markdown_has_one_row_per_artifact_and_the_verdict(full_run):
     assert "TensorRT is not installed" in md
     assert "The stub_quantize stage kept stub_export/onnx as the deployable model, not its own: too slow." in md
     assert "![Training and validation loss" in md and "(curves.png)" in md
+    assert "## Quantization: per-layer SQNR" in md and "No ONNX Runtime quantization upstream" in md  # stubs only
 
 
 def test_report_metrics_carry_the_verdict_and_rows(full_run):

@@ -125,7 +125,9 @@ def test_tiny_model_learns_a_separable_problem(tmp_path: Path) -> None:
     assert isinstance(result, FitResult)
     assert result.metrics["val_acc"] > 0.9
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
-    assert set(result.history[0]) == {"epoch", "train_loss", "train_ce", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"}
+    assert set(result.history[0]) == {
+        "epoch", "train_loss", "train_acc", "train_eval_loss", "train_eval_acc", "val_loss", "val_acc", "lr", "epoch_time_s"
+    }
     assert result.metrics["epochs_run"] == 3 and not result.metrics["stopped_early"] and not result.metrics["swa"]
     assert result.metrics["resumed_from_epoch"] is None
     assert not model.training and next(model.parameters()).device.type == "cpu"
@@ -413,13 +415,18 @@ def test_gradient_monitor_flags_exploding_and_vanishing_layers(tmp_path: Path) -
     assert len(warnings) == 1  # two checks, one warning
 
 
-def _history(train_loss, val_loss, train_acc, val_acc) -> list[dict]:
-    keys = ("train_loss", "val_loss", "train_acc", "val_acc")
-    rows = zip(train_loss, val_loss, train_acc, val_acc, strict=True)
-    return [{"epoch": i + 1, **dict(zip(keys, row))} for i, row in enumerate(rows)]
+def _history(train_loss, val_loss, train_acc, val_acc, trained_acc=None) -> list[dict]:
+    """Rows with eval-mode train metrics; as trained, the loss is the same and the accuracy `trained_acc` (or the
+    eval-mode one)."""
+    rows = zip(train_loss, val_loss, train_acc, val_acc, trained_acc or train_acc, strict=True)
+    return [
+        {"epoch": i + 1, "train_eval_loss": tl, "train_loss": tl, "val_loss": vl, "train_eval_acc": ta,
+         "val_acc": va, "train_acc": ra}
+        for i, (tl, vl, ta, va, ra) in enumerate(rows)
+    ]  # fmt: skip
 
 
-# Hand-made histories: (train_loss, val_loss, train_acc, val_acc) per epoch.
+# Hand-made histories: (train loss, val loss, train acc, val acc; train numbers evaluated like val) per epoch.
 CURVES = {
     "healthy": _history(
         [1.2, 0.6, 0.4, 0.3, 0.25],
@@ -451,11 +458,12 @@ CURVES = {
         [0.7, 0.75, 0.75, 0.75, 0.75, 0.75],
         [0.74, 0.74, 0.74, 0.74, 0.74, 0.74],
     ),
-    "over-regularized": _history(
+    "over-regularized": _history(  # eval-mode train acc = val acc, far from fit; dropout/MixUp keep the trained acc low
         [1.5, 1.0, 0.9, 0.85],
-        [0.8, 0.5, 0.45, 0.42],
+        [1.4, 0.95, 0.88, 0.84],
         [0.55, 0.7, 0.72, 0.73],
-        [0.8, 0.88, 0.9, 0.91],
+        [0.56, 0.71, 0.72, 0.735],
+        [0.3, 0.45, 0.5, 0.52],
     ),
 }
 
@@ -511,11 +519,45 @@ def test_load_model_names_a_missing_or_corrupt_file(tmp_path: Path) -> None:
 
 def test_label_smoothing_is_not_mistaken_for_over_regularization() -> None:
     # The quickstart's shape: smoothed train loss ~0.55 against a plain val loss ~0.12, both accuracies ~99.7%.
-    history = _history([1.9, 0.8, 0.6, 0.57, 0.55], [2.0, 0.3, 0.18, 0.14, 0.12], [0.4, 0.9, 0.98, 0.99, 0.997], [0.2, 0.9, 0.98, 0.99, 0.997])
-    assert classify_curves(history)["finding"] == "over-regularized"  # what the smoothed loss alone suggests
-    for row, ce in zip(history, [1.5, 0.35, 0.15, 0.1, 0.08]):
-        row["train_ce"] = ce
-    assert classify_curves(history)["finding"] != "over-regularized"
+    history = _history([1.5, 0.35, 0.15, 0.1, 0.08], [2.0, 0.3, 0.18, 0.14, 0.12], [0.4, 0.9, 0.98, 0.99, 0.997], [0.2, 0.9, 0.98, 0.99, 0.997])
+    for row, smoothed in zip(history, [1.9, 0.8, 0.6, 0.57, 0.55]):
+        row["train_loss"] = smoothed
+    assert classify_curves(history)["finding"] == "healthy"
+
+
+def _digits_cnn(width: int = 16, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width, 10),
+    )  # fmt: skip
+
+
+# Real runs on digits (8x8), a second or three each. healthy: label smoothing and random crops keep the trained
+# loss far above val (the old diagnosis called that over-regularized); over-regularized: dropout 0.6, CutOut,
+# MixUp, heavy weight decay and smoothing 0.2; overfitting: 5% of the data for training, 40 epochs, no augmentation.
+DIAGNOSED_RUNS = {
+    "healthy": ({"augment": {"random_crop": True, "crop_padding": 1}}, {}, 0.0,
+                {"epochs": 12, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+                 "loss": {"label_smoothing": 0.1}}),
+    "over-regularized": ({"augment": {"cutout_size": 5}}, {"dropout": 0.6}, 0.5,
+                         {"epochs": 12, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-3},
+                          "loss": {"label_smoothing": 0.2}}),
+    "overfitting": ({"val_fraction": 0.95}, {"width": 32}, 0.0, {"epochs": 40, "batch_size": 16}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("finding", list(DIAGNOSED_RUNS))
+def test_real_runs_get_their_diagnosis(tmp_path: Path, finding: str) -> None:
+    data, model_options, mixup, train = DIAGNOSED_RUNS[finding]
+    bundle = build_datasets(DataConfig(dataset="digits", image_size=8, channels=1, **data))
+    cfg = config(**({"schedule": {"name": "cosine"}, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}} | train))
+    _, result = fit(_digits_cnn(**model_options), bundle, cfg, tmp_path, mixup_alpha=mixup)
+    assert result.diagnostics["curves"]["finding"] == finding, result.diagnostics["curves"]["evidence"]
+    last = result.history[-1]
+    if finding == "healthy":
+        assert last["val_acc"] > 0.9 and last["train_loss"] > 2 * last["val_loss"]  # smoothing lifts the trained loss
 
 
 def test_bias_before_batchnorm_is_not_flagged_as_vanishing(tmp_path: Path) -> None:

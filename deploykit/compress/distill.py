@@ -70,3 +70,8 @@ class WithTeacherLogits(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         return (*self.dataset[index], self.logits[index])
+
+    def item(self, index: int, augment: bool) -> tuple:
+        """(x, y) of the wrapped split, without the logits (and without its augmentation if it has one to skip)."""
+        item = getattr(self.dataset, "item", None)
+        return item(index, augment) if item else tuple(self.dataset[index][:2])

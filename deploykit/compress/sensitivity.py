@@ -10,6 +10,7 @@ because error accumulates along the network, and excluding those rarely helps.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class LayerSensitivity:
     op_type: str
     sqnr_in_db: float
     sqnr_out_db: float
+    module: str = ""  # the PyTorch module the node was exported from, when the exporter recorded it
 
     @property
     def loss_db(self) -> float:
@@ -84,8 +86,23 @@ def rank_layers(
             output = following[0].output[0]
         out = sqnr(output)
         if inputs and out is not None:
-            ranked.append(LayerSensitivity(node.name, node.op_type, round(min(inputs), 3), round(out, 3)))
+            ranked.append(
+                LayerSensitivity(node.name, node.op_type, round(min(inputs), 3), round(out, 3), _torch_module(node))
+            )
     return sorted(ranked, key=lambda layer: layer.loss_db, reverse=True)
+
+
+def _torch_module(node: onnx.NodeProto) -> str:
+    """The dotted PyTorch module path torch.onnx's dynamo exporter stores in a node's metadata ("" if none): for a
+    conv with its BatchNorm folded in, the norm's path (e.g. layer1.0.bn2), which names the block."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            return scopes[-2] if len(scopes) >= 3 else ""  # ["", "layer1", "layer1.0", ..., the aten op]
+    return ""
 
 
 def _activations(model: Path, batches: Sequence[np.ndarray], augmented: Path) -> dict[str, list[np.ndarray]]:

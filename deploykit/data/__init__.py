@@ -14,7 +14,7 @@ from deploykit.data.config import DataConfig
 from deploykit.data.transforms import Augment, Normalize, channel_stats, mixup_batch, to_float
 from deploykit.errors import DeploykitError
 
-__all__ = ["DataBundle", "build_datasets", "make_loader", "mixup_batch", "sample_batch"]
+__all__ = ["DataBundle", "build_datasets", "clean_subset", "make_loader", "mixup_batch", "sample_batch"]
 
 # Each loader returns (images, labels, class_names); images[i] is a [C, H, W] uint8 or float tensor, either
 # precomputed (a Tensor) or decoded/generated on access.
@@ -152,6 +152,26 @@ def make_loader(
         generator=generator,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class _Clean(Dataset):
+    """The first `n` samples of a dataset as (x, y), never augmented and without extra items."""
+
+    def __init__(self, dataset: Dataset, n: int) -> None:
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        item = getattr(self.dataset, "item", None)  # deploykit's splits can skip their augmentation
+        x, y, *_ = item(index, augment=False) if item else self.dataset[index]
+        return x, y
+
+
+def clean_subset(dataset: Dataset, n: int) -> Dataset:
+    """The first n samples of `dataset` as evaluation sees them: no augmentation, (x, y) only."""
+    return _Clean(dataset, n)
 
 
 def sample_batch(bundle: DataBundle, n: int, split: str = "val") -> tuple[Tensor, Tensor]:

@@ -224,6 +224,34 @@ def _diagnostics_blocks(upstream: list[StageRecord]) -> list[Block]:
     return blocks or [Paragraph("No stage recorded training diagnostics.")]
 
 
+def _sensitivity_row(layer: dict[str, Any], kept: set[str]) -> list[str]:
+    db = [f"{layer[key]:.1f}" for key in ("sqnr_in_db", "sqnr_out_db", "loss_db")]
+    return [layer["node"], layer.get("module") or f.NA, layer["op_type"], *db, "yes" if layer["node"] in kept else ""]
+
+
+def _sensitivity_blocks(upstream: list[StageRecord]) -> list[Block]:
+    """Per quantize stage, the layers that lost the most SQNR between their input and output, and which stayed FP32."""
+    blocks: list[Block] = []
+    for record in upstream:
+        metrics = _metrics(record)
+        layers = metrics.get("sensitivity")
+        if not layers:
+            continue
+        kept = set(metrics.get("excluded_nodes") or [])
+        blocks += [
+            Paragraph(
+                f"{record.name}: the {len(layers)} layers that lose the most signal-to-quantization-noise ratio (SQNR, "
+                "dB, higher is better) between their input and output, measured on training samples; the top ones are "
+                "kept in FP32 first when INT8 costs too much accuracy."
+            ),
+            Table(
+                ["ONNX node", "PyTorch module", "Op", "SQNR in (dB)", "SQNR out (dB)", "Lost (dB)", "Kept FP32"],
+                [_sensitivity_row(layer, kept) for layer in layers],
+            ),
+        ]
+    return blocks
+
+
 # ---- the SLO verdict ----------------------------------------------------------------------------------
 
 
@@ -462,6 +490,8 @@ def build(
         *(_pareto_blocks(tradeoff_points(rows)) if tradeoff_drawn else []),
         Heading("Training diagnostics"),
         *_diagnostics_blocks(inp.upstream),
+        Heading("Quantization: per-layer SQNR"),
+        *(_sensitivity_blocks(inp.upstream) or [Paragraph("No ONNX Runtime quantization upstream: nothing ranked.")]),
         Heading("SLO verdict"),
         *_verdict_blocks(chosen, why, result, inp, big),
         Heading("Served"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_json
-from deploykit.loadtest.perf_analyzer import run_perf_analyzer, write_input_data
+from deploykit.loadtest.perf_analyzer import run_settled, write_input_data
 from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
 from deploykit.progress import Reporter, silent
 from deploykit.serve.server import free_ports, make_server
@@ -112,11 +112,11 @@ def tune_triton(
                         shutil.rmtree(repo / name)
                         write_triton_model(repo, name, model_file, options, version=1)
                         control.load(name)
-                    level = run_perf_analyzer(
-                        server.infer_url, name, concurrency=[concurrency], out_dir=work / f"candidate-{i}",
-                        measurement_interval_ms=window_ms, stability_percentage=stability_pct, max_trials=6,
-                        input_data=inputs, timeout_s=max(deadline - time.monotonic(), 30.0),
-                    )[0]  # fmt: skip
+                    level = run_settled(
+                        server.infer_url, name, stability_pct, concurrency=[concurrency], out_dir=work / f"candidate-{i}",
+                        measurement_interval_ms=window_ms, max_trials=6, input_data=inputs,
+                        timeout_s=max(deadline - time.monotonic(), 30.0),
+                    )[0][0]  # fmt: skip
                 except DeploykitError as e:  # one config Triton cannot load, or that never settles, is a row
                     error = str(e)
                 rows.append(_row(options, level, error))

@@ -31,6 +31,7 @@ INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "quantize.json"
 _SENSITIVITY_BATCHES = 2  # calibration batches the per-layer SQNR analysis runs on
 _TOP_SENSITIVE = 10  # layers listed in the report
+_REPORT_SENSITIVITY_SAMPLES = 16  # when no fallback ran, the report's SQNR table is measured on this many samples
 _SENSITIVITY_BATCH_SIZE = 32  # dynamic has no calibration data: the SQNR analysis samples batches of this size
 _PerChannel = Annotated[bool, Field(description="ptq/dynamic: one weight scale per output channel, not per tensor.")]
 
@@ -293,15 +294,19 @@ class QuantizeStage(Stage):
             ctx.reporter.log(f"{len(excluded)} layer(s) in FP32: val acc {accuracy:.2%} (FP32 {fp32.accuracy:.2%})")
             return accuracy, path
 
-        def rank() -> list[str]:
-            size = _SENSITIVITY_BATCH_SIZE
-            samples = (batches or _batches(bundle, _SENSITIVITY_BATCHES * size, size))[:_SENSITIVITY_BATCHES]
+        def ranked(samples: list[np.ndarray]) -> list[str]:
             with ctx.reporter.task("ranking layers by SQNR", total=None):
                 layers = rank_layers(source, scratch / "candidate-0.onnx", samples, scratch, op_types)
-            sensitivity.extend(layer.to_dict() for layer in layers[:_TOP_SENSITIVE])
+            sensitivity[:] = [layer.to_dict() for layer in layers[:_TOP_SENSITIVE]]
             return [layer.node for layer in layers]
 
+        def rank() -> list[str]:
+            size = _SENSITIVITY_BATCH_SIZE
+            return ranked((batches or _batches(bundle, _SENSITIVITY_BATCHES * size, size))[:_SENSITIVITY_BATCHES])
+
         search = search_exclusions(attempt, rank, fp32.accuracy, cfg.max_accuracy_drop, cfg.time_budget_s)
+        if not sensitivity:  # the goal was met at once and nothing was ranked: the report still shows which layer hurts
+            ranked(_batches(bundle, _REPORT_SENSITIVITY_SAMPLES, _REPORT_SENSITIVITY_SAMPLES))
         return search, {"sensitivity": sensitivity}
 
     def _torchao(

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from torch.utils.data import DataLoader
 
-from deploykit.data import DataBundle, make_loader, mixup_batch
+from deploykit.data import DataBundle, clean_subset, make_loader, mixup_batch
 from deploykit.errors import DeploykitError
 from deploykit.progress import Reporter, silent
 from deploykit.train import distributed as ddp
@@ -46,7 +46,8 @@ from deploykit.train.schedules import build_schedule
 from deploykit.train.transfer import TransferPlan, apply_transfer, train_mode
 
 LAST_CHECKPOINT = "last.pt"
-_CHECKPOINT_FORMAT = 1
+_CHECKPOINT_FORMAT = 2  # 2: history rows hold train_eval_loss/acc
+_MIN_CLEAN_TRAIN, _MAX_CLEAN_TRAIN = 256, 2048  # training samples evaluated as val is, each epoch
 
 # criterion(logits, x, target, extras) -> scalar loss. `extras` are the items a training sample holds after
 # (x, y), batched and on the training device; target is y, or MixUp's soft labels.
@@ -57,7 +58,9 @@ Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tens
 class FitResult:
     """What a training run produced besides the model.
 
-    history: one dict per epoch (epoch from 1, train_loss, train_ce (plain cross-entropy), train_acc, val_loss, val_acc, lr, epoch_time_s).
+    history: one dict per epoch (epoch from 1, train_loss and train_acc as trained (regularized, augmented, train
+        mode), train_eval_loss and train_eval_acc (a fixed part of the train split evaluated like val), val_loss,
+        val_acc, lr, epoch_time_s).
     metrics: val_acc/val_loss of the returned model; best_epoch/best_val_acc by the early-stopping monitor
       (val_acc without early stopping); epochs_run, optimizer_steps, world_size, stopped_early, train_time_s,
       swa (+ swa_epochs_averaged), resumed_from_epoch (epochs already done when this call started, else None),
@@ -216,6 +219,10 @@ class _Trainer:
             else self.model
         )
         self.val_loader = make_loader(bundle.val, cfg.batch_size, shuffle=False)
+        # The train split as the val split is seen (eval mode, no augmentation, plain cross-entropy), so that the
+        # diagnosis compares like with like; as many samples as val has, within bounds, to keep it cheap.
+        clean = clean_subset(bundle.train, min(max(len(bundle.val), _MIN_CLEAN_TRAIN), _MAX_CLEAN_TRAIN))
+        self.train_eval_loader = make_loader(clean, cfg.batch_size, shuffle=False)
 
     # -- the run -------------------------------------------------------------------------------------------
 
@@ -228,9 +235,10 @@ class _Trainer:
             averaging = self.swa is not None and epoch >= self.swa.start
             if averaging:
                 self.swa.begin_epoch()
-            train_loss, train_ce, train_acc = self._train_epoch(epoch, step_schedule=not averaging)
+            train_loss, train_acc = self._train_epoch(epoch, step_schedule=not averaging)
             lr = self.schedule.lr
             val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self._autocast)
+            train_eval_loss, train_eval_acc = evaluate(self.model, self.train_eval_loader, self.device, self._autocast)
             if averaging:
                 self.swa.end_epoch(self.model)
             else:
@@ -238,8 +246,9 @@ class _Trainer:
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
-                "train_ce": train_ce,
                 "train_acc": train_acc,
+                "train_eval_loss": train_eval_loss,
+                "train_eval_acc": train_eval_acc,
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "lr": lr,
@@ -266,10 +275,11 @@ class _Trainer:
         # A fresh generator per epoch makes the order a function of (seed, epoch), so a resumed run replays it.
         return make_loader(train, batch_size, shuffle=True, seed=seed + epoch, drop_last=self.drop_last)
 
-    def _train_epoch(self, epoch: int, step_schedule: bool) -> tuple[float, float, float]:
+    def _train_epoch(self, epoch: int, step_schedule: bool) -> tuple[float, float]:
+        """The epoch's mean training loss (the criterion, with its regularization) and train-mode accuracy."""
         cfg, n = self.cfg, self.num_batches
         train_mode(self.model, self.plan.frozen)
-        loss_sum, ce_sum, correct, count = 0.0, 0.0, 0, 0
+        loss_sum, correct, count = 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         with self.reporter.task(f"epoch {epoch + 1}/{cfg.epochs}", total=n) as bar:
             for b, (x, y, *extras) in enumerate(self._train_loader(epoch)):
@@ -299,15 +309,13 @@ class _Trainer:
                     self._optimizer_step(step_schedule)
                 labels = target.argmax(dim=1) if target.is_floating_point() else target
                 loss_sum += value * len(x)
-                # Plain cross-entropy, the criterion of val_loss: label smoothing would make train and val incomparable.
-                ce_sum += float(F.cross_entropy(logits.detach().float(), target, reduction="sum"))
                 correct += int((logits.argmax(dim=1) == labels).sum())
                 count += len(x)
                 bar.update(loss=loss_sum / count, acc=correct / count, lr=self.schedule.lr)
                 bar.advance()
         ddp.broadcast_buffers(self.model, self.info)
-        loss_sum, ce_sum, correct, count = ddp.all_reduce_sum([loss_sum, ce_sum, correct, count], self.device, self.info)
-        return loss_sum / count, ce_sum / count, correct / count
+        loss_sum, correct, count = ddp.all_reduce_sum([loss_sum, correct, count], self.device, self.info)
+        return loss_sum / count, correct / count
 
     def _checked_loss(self, loss: torch.Tensor, epoch: int, batch: int) -> float:
         """The batch loss as a float, raising TrainingDiverged when it is NaN/Inf on any rank."""
