@@ -15,7 +15,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serve_benchmarks import END, START  # the serving section, which serve_benchmarks.py owns
+from sections import marked_sections  # the sections other bench scripts own
 
 from deploykit.files import atomic_write_text
 from deploykit.machine import cpu_isa, cpu_model
@@ -146,8 +146,8 @@ def main() -> None:
     ]
     out = Path(args.out)
     old = out.read_text() if out.exists() else ""
-    serving = old[old.index(START) : old.index(END) + len(END)] if START in old and END in old else ""
-    atomic_write_text(out, "\n".join(header + sections) + (f"\n{serving}\n" if serving else ""))  # keep served numbers
+    kept = "".join(f"\n{section}\n" for section in marked_sections(old))  # served and imagefolder numbers
+    atomic_write_text(out, "\n".join(header + sections) + kept)
     print(f"wrote {args.out}")
 
 

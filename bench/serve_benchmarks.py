@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sections import write_section
 
 from deploykit.bench.measure import measure
 from deploykit.export.parity import real_batches
-from deploykit.files import atomic_write_json, atomic_write_text
+from deploykit.files import atomic_write_json
 from deploykit.loadtest.perf_analyzer import run_perf_analyzer, write_input_data
 from deploykit.loadtest.runner import run_locust
 from deploykit.loadtest.slo import get_slo, verdict
@@ -47,7 +48,7 @@ from deploykit.serve.triton import find_triton
 from deploykit.serve.tune import tune_triton
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- serving:start -->", "<!-- serving:end -->"
+SECTION = "serving"  # the part of BENCHMARKS.md this script owns
 
 
 def int8_model(pipeline: str, runs_dir: Path) -> tuple[Path, np.ndarray]:
@@ -109,7 +110,7 @@ def main() -> None:
     if args.render:
         saved = json.loads((Path(args.runs_dir) / "serving" / "serving.json").read_text())
         saved.update(summarize(saved["rounds"], saved["resnet18"]["size_mb"]))
-        write_section(Path(args.out), markdown(saved))
+        write_section(Path(args.out), SECTION, markdown(saved))
         return
 
     runs_dir = Path(args.runs_dir)
@@ -165,7 +166,7 @@ def main() -> None:
     report.update(machine_before=machine_before, machine_after=machine_info(), settings=vars(args), rounds=rounds,
                   finished_utc=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}")  # fmt: skip
     atomic_write_json(work / "serving.json", report)
-    write_section(Path(args.out), markdown(report))
+    write_section(Path(args.out), SECTION, markdown(report))
     print(f"wrote {args.out} and {work / 'serving.json'}")
 
 
@@ -209,7 +210,6 @@ def markdown(r: dict[str, Any]) -> str:
     m, s = r["machine_before"], r["settings"]
     one, b, tv, r18 = r["one_user"], r["batching"], r["triton_vs_torchserve"], r["resnet18"]
     lines = [
-        START,
         "## Serving (real Triton 2.51 and TorchServe 0.12; locust and perf_analyzer on the same machine)",
         "",
         f"Latest `python bench/serve_benchmarks.py`, {r['finished_utc']} UTC. {m['cpu']}, "
@@ -255,18 +255,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"| ResNet-18 INT8 224x224, {n} user(s): P95 < 10 ms and > 100 inf/s | P50 {v['p50_ms']:.2f} ms, "
             f"P95 {v['p95_ms']:.2f} ms, P99 {v['p99_ms']:.2f} ms, {v['throughput_rps']:.0f} inf/s | {met(ok)} |"
         )
-    return "\n".join([*lines, "", END, ""])
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the serving section of `path` (or append it), leaving the offline sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,7 +42,13 @@ def test_quickstart_full_chain_decides_serves_judges_and_reruns_from_cache(in_tm
     """What the chain decides and proves, never how fast this machine is: CI machines differ 3x in INT8 speed."""
     from deploykit.loadtest.slo import get_slo, verdict
 
-    shutil.copy(REPO / "pipelines/quickstart.yaml", in_tmp / "q.yaml")
+    # The user's quickstart file with shorter measurement windows (the suite's time on 2 cores): what it decides,
+    # serves and judges does not depend on them.
+    cfg = yaml.safe_load((REPO / "pipelines/quickstart.yaml").read_text())
+    stages = {stage["stage"]: stage for stage in cfg["stages"]}
+    stages["benchmark"]["window_s"] = 0.25
+    stages["deploy"].update(users=[1, 8], duration_s=4)
+    (in_tmp / "q.yaml").write_text(yaml.safe_dump(cfg))
     result = runner.invoke(app, ["optimize", "-c", "q.yaml", "-q"])
     assert result.exit_code == 0, result.output  # fail_on_breach is off: a breach is reported, not fatal
     run = in_tmp / "runs/quickstart"
@@ -77,7 +82,7 @@ def test_quickstart_full_chain_decides_serves_judges_and_reruns_from_cache(in_tm
 
     # Served on a real Triton: every functional check passed; the SLO verdict is the table applied to the numbers.
     deployed = meta["deploy"]["metrics"]
-    assert [level["users"] for level in deployed["served"]] == [1, 4, 8]
+    assert [level["users"] for level in deployed["served"]] == [1, 8]
     assert all(level["error_rate"] == 0 and level["throughput_rps"] > 0 for level in deployed["served"])
     assert [c for c in deployed["checks_failed"] if not c.startswith("load: SLO")] == []
     validation = json.loads((run / "deploy/validation/validation.json").read_text())

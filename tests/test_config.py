@@ -1,6 +1,7 @@
 """Pipeline files: every mistake is one sentence naming the key and the file's line."""
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -38,7 +39,14 @@ def error_of(tmp_path, text) -> str:
     return str(e.value)
 
 
-def test_example_pipelines_load():
+def test_example_pipelines_load(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    from photo_patches import write  # photo-patches.yaml reads class folders this script makes
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DeploykitError, match="data.root 'data/photo-patches' is not a directory"):
+        load_pipeline(REPO / "pipelines/photo-patches.yaml")
+    assert write(tmp_path / "data/photo-patches", per_class=2, size=28) == 24  # 12 classes
     for path in sorted((REPO / "pipelines").glob("*.yaml")):
         cfg = load_pipeline(path)
         assert cfg.stages, path
