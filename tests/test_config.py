@@ -148,7 +148,7 @@ def test_an_omitted_method_is_ptq_and_structured(tmp_path):
     stages = load_pipeline(write(tmp_path, METHODS)).stages
     prune, quantize = stages[1].settings(), stages[3].settings()
     assert type(prune) is StructuredSettings and prune.method == "structured" and prune.target_macs_ratio == 0.5
-    assert type(quantize) is PtqSettings and quantize.method == "ptq" and quantize.calibrate_method == "minmax"
+    assert type(quantize) is PtqSettings and quantize.method == "ptq" and quantize.calibrate_method == "auto"
 
 
 def test_a_chosen_method_gets_its_own_settings(tmp_path):

@@ -115,6 +115,7 @@ def test_ptq_pipeline_writes_a_u8s8_per_channel_qdq_model(run):
     assert metrics["parity"]["top1_agreement"] >= 0.95 and metrics["parity"]["samples"] == 128
     assert metrics["size_ratio"] <= 0.35 and metrics["int8_bytes"] < metrics["fp32_bytes"]
     assert metrics["accuracy_goal_met"] and metrics["excluded_nodes"] == [] and len(metrics["attempts"]) == 1
+    assert metrics["calibration"] == {"method": "minmax", "trials": [{"method": "minmax", "accuracy": metrics["int8_accuracy"]}]}
     layers = metrics["sensitivity"]  # ranked for the report although no fallback was needed
     assert 0 < len(layers) <= 10 and [x["loss_db"] for x in layers] == sorted((x["loss_db"] for x in layers), reverse=True)
     assert all(x["module"] for x in layers)  # the PyTorch module each ONNX node was exported from
@@ -229,6 +230,10 @@ def test_fallback_keeps_the_sensitive_layer_in_fp32(run, tmp_path, hostile):
     metrics, path = run_stage(run, tmp_path, [hostile.record], calibration_samples=64, max_accuracy_drop=3.0)
     attempts = metrics["attempts"]
     assert attempts[0]["excluded"] == 0 and attempts[0]["accuracy_drop"] > 3.0  # everything INT8 fails
+    # ...with every calibration (auto tries them in turn first): the weights, not the activation ranges, are at fault.
+    trials = metrics["calibration"]["trials"]
+    assert [t["method"] for t in trials] == ["minmax", "percentile", "entropy"]
+    assert metrics["calibration"]["method"] == max(trials, key=lambda t: t["accuracy"])["method"]
     assert metrics["sensitivity"][0]["node"] == hostile.stem  # SQNR blames the stem
     assert metrics["accuracy_goal_met"] and hostile.stem in metrics["excluded_nodes"] and len(attempts) >= 2
     assert metrics["accuracy_drop"] <= 3.0 and "goal met" in metrics["fallback"]

@@ -238,6 +238,12 @@ def _sensitivity_blocks(upstream: list[StageRecord]) -> list[Block]:
         if not layers:
             continue
         kept = set(metrics.get("excluded_nodes") or [])
+        trials = (metrics.get("calibration") or {}).get("trials") or []
+        if trials:
+            tried = ", ".join(f"{t['method']} {f.percent(t['accuracy'])}" for t in trials)
+            chosen = metrics["calibration"]["method"]
+            line = f"{record.name}: calibration tried (val top-1 with every layer INT8): {tried}; kept {chosen}."
+            blocks.append(Paragraph(line))
         blocks += [
             Paragraph(
                 f"{record.name}: the {len(layers)} layers that lose the most signal-to-quantization-noise ratio (SQNR, "

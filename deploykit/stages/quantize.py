@@ -31,6 +31,7 @@ INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "quantize.json"
 _SENSITIVITY_BATCHES = 2  # calibration batches the per-layer SQNR analysis runs on
 _TOP_SENSITIVE = 10  # layers listed in the report
+_AUTO_CALIBRATION = ("minmax", "percentile", "entropy")  # cheapest first; entropy builds histograms of every tensor
 _REPORT_SENSITIVITY_SAMPLES = 16  # when no fallback ran, the report's SQNR table is measured on this many samples
 _SENSITIVITY_BATCH_SIZE = 32  # dynamic has no calibration data: the SQNR analysis samples batches of this size
 _PerChannel = Annotated[bool, Field(description="ptq/dynamic: one weight scale per output channel, not per tensor.")]
@@ -77,8 +78,10 @@ class PtqSettings(_CalibratedSettings):
     """ONNX Runtime static QDQ of the 'onnx' model, inside the accuracy-aware search."""
 
     method: Literal["ptq"] = Field("ptq", description="ptq: ONNX Runtime static QDQ of the 'onnx' model.")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="ptq: how activation ranges are chosen from the calibration data."
+    calibrate_method: Literal["auto", "minmax", "entropy", "percentile"] = Field(
+        "auto",
+        description="ptq: how activation ranges are chosen from the calibration data; auto tries minmax, then "
+        "percentile, then entropy while INT8 misses max_accuracy_drop, and keeps the most accurate.",
     )
     percentile: float = Field(
         99.999, gt=0.0, le=100.0, description="ptq with calibrate_method percentile: the percentile of |x| kept."
@@ -198,26 +201,48 @@ class QuantizeStage(Stage):
     # -- making candidates: one handler per method (_METHODS) ----------------------------------------------
 
     def _ptq(self, ctx: StageContext, fp32: _Fp32, scratch: Path) -> tuple[SearchResult, dict[str, Any]]:
-        from deploykit.compress.quantize import STATIC_OPS, quantize_static_qdq
+        from deploykit.compress.quantize import STATIC_OPS, accuracy_drop, quantize_static_qdq
+        from deploykit.runtime import evaluate_accuracy, ort_session
 
-        cfg = self.config
-        batches = _batches(ctx.data(), cfg.calibration_samples, cfg.calibration_batch_size)
+        cfg, bundle = self.config, ctx.data()
+        batches = _batches(bundle, cfg.calibration_samples, cfg.calibration_batch_size)
+        methods = _AUTO_CALIBRATION if cfg.calibrate_method == "auto" else (cfg.calibrate_method,)
+        trials: list[dict[str, Any]] = []
 
-        def quantize(source: Path, path: Path, excluded: list[str], on_batch: Callable[[], None]) -> None:
+        def calibrated(
+            method: str, source: Path, path: Path, excluded: list[str], on_batch: Callable[[], None]
+        ) -> None:
             quantize_static_qdq(
                 source,
                 path,
                 batches,
-                calibrate_method=cfg.calibrate_method,
+                calibrate_method=method,
                 percentile=cfg.percentile,
                 per_channel=cfg.per_channel,
                 activation_type=cfg.activation_type,
                 exclude=excluded,
-                cache=scratch / "calibration.json",  # later attempts reuse the first one's ranges
+                cache=scratch / f"calibration-{method}.json",  # later attempts reuse the first one's ranges
                 on_batch=on_batch,
             )
 
-        return self._search_onnx(ctx, fp32, scratch, quantize, batches, STATIC_OPS)
+        def quantize(source: Path, path: Path, excluded: list[str], on_batch: Callable[[], None]) -> None:
+            if not trials:  # the all-INT8 attempt: each calibration in turn until one keeps the accuracy
+                for method in methods:
+                    calibrated(method, source, path, [], on_batch if not trials else lambda: None)
+                    accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val)
+                    trials.append({"method": method, "accuracy": accuracy})
+                    drop = accuracy_drop(fp32.accuracy, accuracy)
+                    if cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop:
+                        break
+                if len(trials) > 1:
+                    ctx.reporter.log("calibration: " + ", ".join(f"{t['method']} {t['accuracy']:.2%}" for t in trials))
+            best = max(trials, key=lambda t: t["accuracy"])["method"]  # the first of equals: the cheapest
+            if excluded or best != trials[-1]["method"]:
+                calibrated(best, source, path, excluded, on_batch)
+
+        search, extra = self._search_onnx(ctx, fp32, scratch, quantize, batches, STATIC_OPS)
+        chosen = max(trials, key=lambda t: t["accuracy"])["method"]
+        return search, {**extra, "calibration": {"method": chosen, "trials": trials}}
 
     def _dynamic(self, ctx: StageContext, fp32: _Fp32, scratch: Path) -> tuple[SearchResult, dict[str, Any]]:
         from deploykit.compress.quantize import DYNAMIC_OPS, quantize_dynamic_int8
