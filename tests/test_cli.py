@@ -36,6 +36,33 @@ def test_config_error_exits_2_with_one_sentence(in_tmp):
     assert not (in_tmp / "runs").exists()  # nothing started
 
 
+# Malformed pipeline files, each a change to the quickstart: (old text, new text, the line named, words expected).
+CONFIG_FUZZ = {
+    "tab indent": ("  dataset: digits", "\tdataset: digits", 8, "not valid YAML"),
+    "duplicate key": ("  image_size: 16\n", "  image_size: 16\n  image_size: 32\n", 10, "given twice (first at line 9)"),
+    "wrong type": ("epochs: 8", "epochs: eight", 22, "valid integer"),
+    "huge number": ("epochs: 8", "epochs: 100000000000000000000000", 22, "beyond any sensible setting"),
+    "negative number": ("batch_size: 64", "batch_size: -64", 23, "greater than or equal to 1"),
+    "unknown stage": ("- stage: export", "- stage: exprot", 38, "did you mean 'export'"),
+    "path outside": ("name: quickstart", "name: quickstart\nruns_dir: ../../escaped", 6, "outside the working directory"),
+    "path-like name": ("name: quickstart", "name: ../quickstart", 5, "names a folder"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FUZZ))
+def test_a_malformed_pipeline_gets_one_sentence_with_file_and_line(in_tmp, case):
+    old, new, line, words = CONFIG_FUZZ[case]
+    text = (REPO / "pipelines/quickstart.yaml").read_text()
+    assert old in text
+    (in_tmp / "bad.yaml").write_text(text.replace(old, new, 1))
+    result = runner.invoke(app, ["optimize", "-c", "bad.yaml"])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith(f"error: bad.yaml:{line}: ") and words in message, message
+    assert "Traceback" not in result.output and len(message.splitlines()) <= 2  # one sentence (rich may wrap it)
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["bad.yaml"]  # no folder left behind
+
+
 @pytest.mark.slow
 @pytest.mark.openvino  # the pick may run on OpenVINO, in-process for the served parity check
 def test_quickstart_full_chain_decides_serves_judges_and_reruns_from_cache(in_tmp):

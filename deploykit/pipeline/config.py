@@ -36,6 +36,14 @@ class PipelineBase(BaseModel):
     def _safe(cls, v: str) -> str:
         return check_safe_name(v, "run name")
 
+    @field_validator("runs_dir")
+    @classmethod
+    def _inside(cls, v: Path) -> Path:
+        # An absolute path is the user's explicit choice; a relative one must not climb out of the working directory.
+        if not v.is_absolute() and not (Path.cwd() / v).resolve().is_relative_to(Path.cwd().resolve()):
+            raise ValueError("it leads outside the working directory: use a folder inside it, or an absolute path")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> PipelineBase:
         stages = getattr(self, "stages", [])

@@ -97,6 +97,9 @@ def json_schema() -> dict[str, Any]:
 # ---- loading ------------------------------------------------------------------------------------
 
 
+_MAX_INT = 2**31 - 1  # no count, size or seed in a pipeline needs more; larger ones are typos that run for days
+
+
 def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML and remember the line of every key and list item, keyed by its path."""
     try:
@@ -109,12 +112,26 @@ def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]
     lines: dict[tuple, int] = {}
 
     def walk(node: yaml.Node, path: tuple) -> None:
-        lines[path] = node.start_mark.line + 1
+        line = lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key_node, value_node in node.value:
-                child = path + (key_node.value,)
+                key, key_line = key_node.value, key_node.start_mark.line + 1
+                if key in seen:  # YAML allows it and keeps the last value: a silent change of meaning
+                    raise DeploykitError(
+                        f"{source}:{key_line}: {_format_loc(path + (key,))} is given twice (first at line "
+                        f"{seen[key]}); keep one of them."
+                    )
+                seen[key] = key_line
+                child = path + (key,)
                 walk(value_node, child)
-                lines[child] = key_node.start_mark.line + 1
+                lines[child] = key_line
+        elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int":
+            if abs(int(yaml.safe_load(node.value))) > _MAX_INT:
+                raise DeploykitError(
+                    f"{source}:{line}: {_format_loc(path)} is {node.value}, beyond any sensible setting; "
+                    "use a number below 2**31."
+                )
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 walk(item, path + (i,))
