@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from conftest import REPO
 from typer.testing import CliRunner
@@ -175,3 +176,38 @@ def test_torchrun_two_processes_through_the_cli(in_tmp):
     meta = json.loads((in_tmp / "runs/ddp/train/meta.json").read_text())
     assert meta["metrics"]["val_acc"] > 0.8
     assert [p.name for p in (in_tmp / "runs/ddp").iterdir() if p.name.startswith(".tmp")] == []
+
+
+# Every command that talks to a server or writes a model repository, with a model name or path to misuse.
+NAMED_COMMANDS = {
+    "serve": ["serve", "{repo}", "--model", "{name}"],
+    "package": ["package", "{onnx}", "--name", "{name}", "--repo", "{repo}"],
+    "tune": ["tune", "{onnx}", "--name", "{name}"],
+    "control load": ["control", "load", "{name}"],
+    "control rollback": ["control", "rollback", "{name}", "--version", "1"],
+    "control unload": ["control", "unload", "{name}"],
+    "loadtest": ["loadtest", "--model", "{name}"],
+    "validate": ["validate", "--model", "{name}"],
+}
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/etc/passwd", ".hidden"])
+@pytest.mark.parametrize("command", list(NAMED_COMMANDS))
+def test_server_facing_commands_refuse_a_name_that_escapes_the_repository(in_tmp, command, name):
+    (in_tmp / "m.onnx").write_bytes(b"not read: the name is checked first")
+    args = [a.format(repo=in_tmp / "model_repo", onnx=in_tmp / "m.onnx", name=name) for a in NAMED_COMMANDS[command]]
+    result = runner.invoke(app, args)
+    message = " ".join(result.stderr.split())  # rich wraps long lines
+    assert result.exit_code == 2 and message.startswith(f"error: Model name {name!r} is not allowed"), result.stderr
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["m.onnx"]  # nothing written, no server started
+
+
+def test_server_facing_commands_default_to_loopback():
+    commands = typer.main.get_command(app)
+    serve = commands.get_command(None, "serve")
+    assert next(p.default for p in serve.params if p.name == "host") == "127.0.0.1"
+    control = commands.get_command(None, "control")
+    clients = [commands.get_command(None, n) for n in ("loadtest", "validate")]
+    clients += [control.get_command(None, n) for n in ("status", "load", "rollback", "unload")]
+    for command in clients:
+        assert next(p.default for p in command.params if p.name == "url").startswith("http://127.0.0.1:"), command.name

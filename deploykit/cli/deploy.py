@@ -12,6 +12,7 @@ from rich.table import Table
 
 from deploykit.cli.app import app, console, err_console, user_errors
 from deploykit.errors import DeploykitError
+from deploykit.package.names import validate_model_name
 
 Engine = Annotated[str, typer.Option("--engine", help="triton or torchserve.")]
 Url = Annotated[str, typer.Option("--url", help="The server's HTTP endpoint.")]
@@ -248,6 +249,7 @@ def loadtest(
     from deploykit.loadtest.runner import levels_table, run_loadtest, verdict_table
     from deploykit.progress import Reporter
 
+    validate_model_name(model)  # it becomes a URL path segment: refused before any request
     target = _slo(slo, max_latency_ms, min_throughput)
     if client == "perf_analyzer":
         from deploykit.loadtest.perf_analyzer import perf_loadtest
@@ -349,6 +351,8 @@ def validate(
 
     from deploykit.progress import Reporter
     from deploykit.validate import validate_server
+
+    validate_model_name(model)
 
     size_mb = onnx.stat().st_size / 1e6 if onnx and onnx.is_file() else None
     with Reporter() as reporter:
