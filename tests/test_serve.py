@@ -15,11 +15,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import yaml
 from servers import NAME, SAMPLE, export_tiny, portable_options, ports, start_triton
 
 from deploykit.errors import DeploykitError
 from deploykit.package.triton_repo import write_triton_model
 from deploykit.serve import triton as triton_mod
+from deploykit.serve.oip import OipClient
 from deploykit.serve.process import http_status
 
 
@@ -194,3 +196,24 @@ def test_cli_control_status_lists_models(triton):
     assert result.exit_code == 0 and "tiny" in result.output and "READY" in result.output
     down = CliRunner().invoke(app, ["control", "status", "--url", "http://127.0.0.1:1"])
     assert down.exit_code == 2 and "No server answers" in down.output
+
+
+def test_the_dashboard_reads_only_metrics_a_real_triton_exports(triton, in_tmp):
+    from prometheus_client.parser import text_string_to_metric_families
+    from typer.testing import CliRunner
+
+    from deploykit.cli import app
+    from deploykit.package.monitoring import metric_names
+
+    OipClient(triton.http_url, NAME).infer(np.zeros((2, *SAMPLE), np.float32))  # per-model series appear on use
+    text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    exported = {family.name for family in text_string_to_metric_families(text)}  # Prometheus parses the text
+    result = CliRunner().invoke(app, ["package", str(triton.onnx), "--name", "dash", "--monitoring"])
+    assert result.exit_code == 0, result.output
+    dashboard = json.loads((in_tmp / "monitoring/grafana-dashboard.json").read_text())
+    used = metric_names(dashboard)
+    assert len(used) >= 10 and used <= exported, sorted(used - exported)
+    assert all(p["targets"] and p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    scrape = yaml.safe_load((in_tmp / "monitoring/prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8002"]

@@ -48,8 +48,13 @@ def package(
     image: Annotated[
         str, typer.Option(help="Container image the Kubernetes Deployment runs (pin a tag).")
     ] = "deploykit-triton:0.1.0",
+    monitoring: Annotated[
+        bool,
+        typer.Option(help="Also write a Grafana dashboard and a Prometheus scrape config into <repo's parent>/monitoring."),
+    ] = False,
 ) -> None:
-    """Add a model version to a Triton model repository (and optionally a TorchServe archive and k8s manifests)."""
+    """Add a model version to a Triton model repository (and optionally a TorchServe archive, k8s manifests, and
+    monitoring files)."""
     from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
     from deploykit.serve.triton import find_triton
 
@@ -78,6 +83,11 @@ def package(
         console.print(
             f"torchserve: {write_torchserve_archive(model_file, model_store, name, batch_size=max(1, max_batch_size))}"
         )
+    if monitoring:
+        from deploykit.package.monitoring import write_monitoring
+
+        for path in write_monitoring(repo.resolve().parent / "monitoring", ["127.0.0.1:8002"]):  # Triton's default
+            console.print(f"monitoring: {path}")
     if k8s:
         from deploykit.package.k8s import k8s_manifests, write_k8s
 
