@@ -119,6 +119,47 @@ def test_latest_version_serves_then_rolls_back_and_forward(versioned):
     assert served(server, x)[0] == "2"
 
 
+def test_rolling_back_and_forward_under_load_fails_no_request(versioned):
+    """Three clients send requests without pause while v1 and v2 swap four times: every request succeeds, and each
+    answer is exactly the offline output of the version it names, which was live at the time."""
+    import threading
+
+    server, v1, v2 = versioned
+    x = batch(2, seed=4)
+    expected = {"1": offline(v1, x), "2": offline(v2, x)}
+    answers: list[str] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                version, y = served(server, x)
+            except Exception as e:  # noqa: BLE001 - every failure is counted, whatever its kind
+                errors.append(repr(e))
+                continue
+            if version not in expected or not np.allclose(y, expected[version], rtol=1e-5, atol=1e-5):
+                errors.append(f"version {version!r} answered outputs that are not its own")
+            answers.append(version)
+
+    server.control.load(NAME)  # start from the latest (v2), whatever an earlier test left
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for thread in clients:
+        thread.start()
+    try:
+        for version in (1, 2, 1, None):  # back, forward, back, forward to the latest
+            time.sleep(0.5)
+            server.control.load(NAME, version=version)
+            assert server.control.ready_versions(NAME) == [version or 2]
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+    assert errors == [] and len(answers) > 50, (errors[:3], len(answers))
+    assert {"1", "2"} <= set(answers)  # both versions really served during the run
+
+
 def test_control_refuses_unknown_versions_and_names(versioned):
     server, _, _ = versioned
     with pytest.raises(DeploykitError, match="no version 7"):

@@ -245,8 +245,9 @@ class ModelControl:
             if s.get("state") not in ("READY", None) and s.get("reason")
         }
 
-    def _config(self, name: str) -> dict[str, Any]:
-        status, body = _request(f"{self.url}/v2/models/{name}/config")
+    def _config(self, name: str, from_file: bool = False) -> dict[str, Any]:
+        """The model's config as Triton runs it, or (`from_file`, or when it is not loaded) its config.pbtxt."""
+        status, body = (0, {}) if from_file else _request(f"{self.url}/v2/models/{name}/config")
         if status == 200:
             return body
         from google.protobuf import json_format, text_format
@@ -270,6 +271,10 @@ class ModelControl:
             config = self._config(name)
             config["version_policy"] = {"specific": {"versions": [version]}}
             body = {"parameters": {"config": json.dumps(config)}}
+        elif self.repo is not None and (self.repo / name / "config.pbtxt").is_file():
+            # Triton keeps a config given at load time across plain reloads: after a roll back, "load" alone would
+            # stay on the old version. The repository's own config brings back its version policy (the latest).
+            body = {"parameters": {"config": json.dumps(self._config(name, from_file=True))}}
         status, reply = _request(f"{self.url}/v2/repository/models/{name}/load", body)
         if status != 200:
             raise DeploykitError(f"Triton could not load model '{name}': {reply.get('error', reply)}.")
