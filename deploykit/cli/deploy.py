@@ -355,6 +355,9 @@ def validate(
     max_latency_ms: MaxLatency = None,
     min_throughput: MinThroughput = None,
     out: Out = Path("validation"),
+    fuzz: Annotated[
+        bool, typer.Option(help="Also send the bad-input corpus (30+ malformed requests per protocol; Triton).")
+    ] = False,
 ) -> None:
     """Health, correctness against offline ONNX Runtime, bad inputs, metrics, then a load test against the SLO."""
     import numpy as np
@@ -370,7 +373,7 @@ def validate(
             url, model, out_dir=out, engine=engine, model_path=onnx,
             samples=np.load(samples) if samples else None, grpc_url=grpc_url, metrics_url=metrics_url,
             users=users, duration_s=duration, slo=_slo(slo, max_latency_ms, min_throughput), size_mb=size_mb,
-            reporter=reporter,
+            reporter=reporter, fuzz=fuzz,
         )  # fmt: skip
     console.print(checks_table(result["checks"]))
     console.print(f"results: {out / 'validation.json'}")

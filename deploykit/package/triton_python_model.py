@@ -71,6 +71,8 @@ def check_request(get: Callable[[str], np.ndarray | None], specs: list[tuple[str
             raise RequestError(
                 f"input '{name}' has shape {list(array.shape)}; the model expects {shape} (-1 is any size)."
             )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():  # NaN/Inf only ever yield garbage outputs
+            raise RequestError(f"input '{name}' holds NaN or infinite values; send finite numbers.")
         feed[name] = array
     return feed
 

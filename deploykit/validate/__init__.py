@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.errors import DeploykitError
 from deploykit.files import atomic_path, atomic_write_json
 from deploykit.loadtest.slo import SLO
 from deploykit.progress import Reporter, silent
@@ -58,6 +59,41 @@ def _load_checks(result: dict[str, Any]) -> list[Check]:
     return checks
 
 
+def _fuzz(
+    client: OipClient, shape: list[int], grpc_url: str | None, x: np.ndarray, reporter: Reporter
+) -> dict[str, Any]:
+    from deploykit.validate.fuzz import fuzz_server
+
+    if client.engine != "triton":
+        raise DeploykitError("The bad-input corpus speaks Triton's protocols: drop --fuzz for TorchServe.")
+    before = client.infer(x)
+    with reporter.task("bad-input corpus", total=None):
+        return fuzz_server(
+            client.url, client.model, shape, grpc_url=grpc_url,
+            good=lambda: bool(np.allclose(client.infer(x), before, rtol=1e-5, atol=1e-6)),
+        )  # fmt: skip
+
+
+def _fuzz_checks(corpus: dict[str, Any]) -> list[Check]:
+    checks = []
+    for protocol, n in corpus["counts"].items():
+        detail = (
+            f"{n['sent']} sent: {n['refused']} refused, {n['server error']} answered by the server's own error with "
+            f"its message, {n['accepted']} accepted, {n['crashed']} crashed"
+        )
+        checks.append(Check("bad input", f"corpus ({protocol})", FAIL if n["crashed"] else PASS, detail))
+    if corpus["crashed"]:
+        lost = f"; {corpus['not_sent']} request(s) not sent" if corpus["not_sent"] else ""
+        died = f"it died on {corpus['crashed'][0]}{lost}"
+        checks.append(Check("bad input", "server survives the corpus", FAIL, died))
+    good = corpus["good_request_after"]
+    checks.append(
+        Check("bad input", "correct right after the corpus", PASS if good else FAIL, "a good request " + (
+            "answered exactly as before" if good else "failed or answered differently"))
+    )  # fmt: skip
+    return checks
+
+
 def _log(reporter: Reporter, checks: list[Check]) -> None:
     for c in checks:
         reporter.log(f"{c.status:>4}  {c.group}: {c.name} — {c.detail}")
@@ -82,8 +118,12 @@ def validate_server(
     slo: SLO | None = None,
     size_mb: float | None = None,
     reporter: Reporter | None = None,
+    fuzz: bool = False,
 ) -> dict[str, Any]:
     """Run every check, then (when `duration_s` > 0) the load test; writes out_dir/validation.json and returns it.
+
+    `fuzz` (Triton only) adds the bad-input corpus of deploykit.validate.fuzz: every protocol's malformed requests,
+    none of which may take the server down, and a good request after them that must answer as before.
 
     The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime`; the load
     test runs on `load_client` (locust, or perf_analyzer for Triton).
@@ -102,6 +142,10 @@ def validate_server(
         reference = open_artifact(Path(model_path), threads=1, runtime=runtime)
         checks += correctness_checks(client, reference, batches, grpc_url)
     checks += bad_input_checks(client, shape)
+    corpus = None
+    if fuzz:
+        corpus = _fuzz(client, shape, grpc_url, samples[:1], reporter)
+        checks += _fuzz_checks(corpus)
     if metrics_url:
         checks.append(metrics_check(metrics_url, model, engine))
     _log(reporter, checks)
@@ -137,6 +181,7 @@ def validate_server(
         "checks": [c.as_dict() for c in checks],
         "passed": all(c.status != FAIL for c in checks),
         "loadtest": loadtest,
+        "fuzz": corpus,
     }
     atomic_write_json(out_dir / "validation.json", result)
     return result
