@@ -192,3 +192,18 @@ def test_schema_has_each_methods_own_keys():
     assert "max_accuracy_drop" in keys["QuantizeDynamicEntry"] and "stage" in keys["QuantizeDynamicEntry"]
     assert "sparsity" in keys["PruneUnstructuredEntry"] and "sparsity" not in keys["PruneStructuredEntry"]
     assert "importance" in keys["PruneStructuredEntry"] and "importance" not in keys["PruneUnstructuredEntry"]
+
+
+def test_recipe_auto_fills_only_what_the_file_leaves_unset(tmp_path):
+    from deploykit.train.recipes import apply_recipe
+
+    text = GOOD.replace("    epochs: 2", "    epochs: 2\n    recipe: auto")
+    cfg = load_pipeline(write(tmp_path, text)).stages[0].settings()
+    assert cfg.recipe == "auto"
+    filled, taken = apply_recipe(cfg, "mobilenet")
+    assert filled.epochs == 2 and filled.optimizer.lr == 0.05  # both set in the file: kept
+    assert "optimizer" not in taken and "epochs" not in taken
+    assert filled.grad_clip_norm == 2.0 and filled.schedule.warmup_epochs == 0.5 and filled.loss.label_smoothing == 0.0
+    unset, taken = apply_recipe(type(cfg).model_validate({"recipe": "auto", "batch_size": 128}), "resnet")
+    assert unset.optimizer.lr == pytest.approx(0.2) and unset.optimizer.nesterov and unset.epochs == 15  # 0.1 x 128/64
+    assert unset.batch_size == 128 and set(taken) >= {"optimizer", "schedule", "loss", "epochs"}

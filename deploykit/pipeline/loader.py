@@ -44,9 +44,10 @@ class StageEntry(BaseModel):
         return self.name or self.stage  # type: ignore[attr-defined]
 
     def settings(self) -> BaseModel:
-        """This entry's settings as the stage's own settings model (the one of its method, for a stage with methods)."""
+        """This entry's settings as the stage's own settings model (the one of its method, for a stage with methods),
+        with the same fields set as the file set (a recipe fills only the others)."""
         model = type(self).__bases__[1]  # entry models derive from (StageEntry, the settings model)
-        return model.model_validate(self.model_dump(exclude={"stage", "name"}))
+        return model.model_validate(self.model_dump(exclude={"stage", "name"}, exclude_unset=True))
 
 
 def stage_entries() -> dict[str, Any]:

@@ -2,28 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from deploykit.artifacts import StageResult
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, register
 from deploykit.train.config import TrainConfig
 
 
+class TrainStageConfig(TrainConfig):
+    """The training stage: TrainConfig, plus the family recipe it may start from."""
+
+    recipe: Literal["none", "auto"] = Field(
+        "none",
+        description="auto: every training field left unset (optimizer, schedule, loss, grad_clip_norm, epochs) "
+        "comes from the model family's small-image recipe (deploykit/train/recipes.py).",
+    )
+
+
 @register("train")
 class TrainStage(Stage):
     """Train the pipeline's model (optimizers, schedules, SWA, early stopping, transfer learning, DDP)."""
 
-    Config = TrainConfig
+    Config = TrainStageConfig
     distributed = True
 
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.train import fit
         from deploykit.train.outputs import publish_model
-        from deploykit.zoo import get_model
+        from deploykit.train.recipes import apply_recipe
+        from deploykit.zoo import get_model, model_family
 
         bundle, arch = ctx.data(), ctx.arch()
         model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"])
         mixup = ctx.pipeline.data.augment.mixup_alpha
-        model, fitted = fit(model, bundle, self.config, ctx.work_dir, ctx.reporter, mixup_alpha=mixup)
+        cfg, taken = self.config, {}
+        if cfg.recipe == "auto":
+            family = model_family(arch["name"])
+            cfg, taken = apply_recipe(cfg, family)
+            ctx.reporter.log(
+                f"recipe auto ({family}): {', '.join(f'{k}={v}' for k, v in taken.items()) or 'nothing unset'}"
+            )
+        model, fitted = fit(model, bundle, cfg, ctx.work_dir, ctx.reporter, mixup_alpha=mixup)
         result = publish_model(model, arch, ctx.out_dir, bundle.input_shape, fitted.metrics["val_acc"], fitted)
-        result.metrics = {**fitted.metrics, **result.metrics}
+        result.metrics = {**fitted.metrics, **result.metrics, **({"recipe": taken} if cfg.recipe == "auto" else {})}
         return result

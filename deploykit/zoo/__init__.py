@@ -64,6 +64,11 @@ def _spec(name: str) -> tuple[str, ModelSpec]:
     )
 
 
+def model_family(name: str) -> str:
+    """The family of a zoo model (resnet, inception, efficientnet, mobilenet)."""
+    return _spec(name)[1].family
+
+
 def _check_options(name: str, spec: ModelSpec, options: dict[str, Any]) -> None:
     for option, value in options.items():
         if option not in spec.options:
