@@ -305,3 +305,25 @@ def test_torchserve_split():
     assert split == pytest.approx({"requests": 1.0, "queue_ms": 0.245274, "total_ms": 3.451727})
     with pytest.raises(DeploykitError, match="no request for model 'other'"):
         torchserve_split({}, parse(TORCHSERVE_METRICS), "other")
+
+
+def test_cli_soak_holds_80_percent_of_capacity_without_errors_or_memory_growth(triton, tmp_path):
+    """The short CI version of `deploykit loadtest --soak 10m`: 8 s at 80% of the capacity 2 users measured."""
+    from typer.testing import CliRunner
+
+    from deploykit.cli import app
+    from deploykit.loadtest.soak import parse_duration
+
+    out = tmp_path / "soak"
+    args = ["loadtest", "--url", triton.http_url, "--model", triton.model, "-u", "2", "--soak", "8s", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "soak.json").read_text())
+    assert saved["target_rps"] == pytest.approx(0.8 * saved["capacity_rps"]) and saved["capacity_rps"] > 0
+    assert saved["failures"] == 0 and saved["requests"] > 0 and abs(saved["rss_growth"]) < 0.05
+    assert len(saved["windows"]) == 10 and sum(w["requests"] for w in saved["windows"]) >= saved["requests"]
+    assert saved["throughput_rps"] <= 1.1 * saved["target_rps"]  # an open rate, not back to back
+    assert "P95 drift" in result.output and "PASS" in result.output
+    assert (parse_duration("10m"), parse_duration("90"), parse_duration("1h")) == (600, 90, 3600)
+    with pytest.raises(DeploykitError, match="not a positive time"):
+        parse_duration("soon")

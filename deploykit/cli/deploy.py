@@ -253,6 +253,10 @@ def loadtest(
     max_latency_ms: MaxLatency = None,
     min_throughput: MinThroughput = None,
     out: Out = Path("loadtest"),
+    soak: Annotated[
+        str | None,
+        typer.Option(help="Soak for this long (60s, 10m, 1h) at 80% of the capacity measured at the largest -u."),
+    ] = None,
 ) -> None:
     """Load a served model (locust, or Triton's perf_analyzer); print P50/P95/P99, throughput and the SLO verdict
     (exit 1 on a breach)."""
@@ -260,6 +264,9 @@ def loadtest(
     from deploykit.progress import Reporter
 
     validate_model_name(model)  # it becomes a URL path segment: refused before any request
+    if soak is not None:
+        _soak(url, model, soak, max(users), engine, protocol, samples, out)
+        return
     target = _slo(slo, max_latency_ms, min_throughput)
     if client == "perf_analyzer":
         from deploykit.loadtest.perf_analyzer import perf_loadtest
@@ -285,6 +292,31 @@ def loadtest(
         console.print(verdict_table(result))
     console.print(f"results: {out}")
     if verdict and not verdict["passed"]:
+        raise typer.Exit(1)
+
+
+def _soak(url: str, model: str, duration: str, users: int, engine: str, protocol: str, samples: Path | None,
+          out: Path) -> None:  # fmt: skip
+    from deploykit.loadtest.soak import parse_duration
+    from deploykit.loadtest.soak import soak as run_soak
+    from deploykit.progress import Reporter
+
+    if (engine, protocol) != ("triton", "http"):
+        raise DeploykitError("The soak sends Triton HTTP requests: drop --engine/--protocol for --soak.")
+    seconds = parse_duration(duration)
+    with Reporter() as reporter:
+        r = run_soak(url, model, duration_s=seconds, out_dir=out, users=users, samples=samples, reporter=reporter)
+    table = Table(title=f"soak: {seconds:g} s at {r['target_rps']:.0f} req/s (80% of {r['capacity_rps']:.0f})")
+    for column in ("span", "requests", "failures", "P50 ms", "P95 ms"):
+        table.add_column(column, justify="right")
+    for i, w in enumerate(r["windows"]):
+        table.add_row(str(i + 1), str(w["requests"]), str(w["failures"]), f"{w['p50_ms']:.2f}", f"{w['p95_ms']:.2f}")
+    console.print(table)
+    console.print(
+        f"{r['throughput_rps']:.0f} req/s held, {r['failures']} failed, server RSS {r['rss_growth']:+.1%}, "
+        f"P95 drift {r['p95_drift']:+.1%}: {'PASS' if r['passed'] else 'FAIL'}; results: {out / 'soak.json'}"
+    )
+    if not r["passed"]:
         raise typer.Exit(1)
 
 

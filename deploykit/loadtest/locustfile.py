@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import grpc.experimental.gevent
 import numpy as np
-from locust import FastHttpUser, User, events, task
+from locust import FastHttpUser, User, constant, constant_throughput, events, task
 
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_path, atomic_write_json
@@ -45,6 +45,8 @@ __all__ = ["TorchServeUser", "TritonGrpcUser", "TritonHttpUser"]
 ENGINE = os.environ.get("DEPLOYKIT_ENGINE", "triton")
 PROTOCOL = os.environ.get("DEPLOYKIT_PROTOCOL", "http")
 MODEL = os.environ.get("DEPLOYKIT_MODEL", "")
+# Requests per second per user for an open-rate load (the soak); unset: back to back, a closed loop.
+RATE_PER_USER = float(os.environ.get("DEPLOYKIT_RATE_PER_USER") or 0)
 _MAX_BODIES = 32  # requests cycle through at most this many pre-encoded inputs: JSON of a 224x224 image is ~1.5 MB
 _RANDOM_SAMPLES = 8
 
@@ -134,10 +136,12 @@ def _write_timings(**_: Any) -> None:
 
 
 class TritonHttpUser(FastHttpUser):
-    """POST /v2/models/<m>/infer with binary tensor data, back to back (no think time: a closed-loop load)."""
+    """POST /v2/models/<m>/infer with binary tensor data, back to back (no think time: a closed-loop load), or at
+    RATE_PER_USER requests per second."""
 
     abstract = (ENGINE, PROTOCOL) != ("triton", "http")
     path = f"/v2/models/{MODEL}/infer"
+    wait_time = constant_throughput(RATE_PER_USER) if RATE_PER_USER else constant(0)
 
     def on_start(self) -> None:
         self.bodies = cycle(http_bodies(self.host))

@@ -161,8 +161,10 @@ def run_locust(
     workdir: Path | None = None,
     warmup_s: float = 1.0,
     progress: Task | None = None,
+    rate_per_user: float | None = None,
 ) -> LoadResult:
-    """One headless locust run of `users` closed-loop users for `duration_s` (whole seconds, rounded up).
+    """One headless locust run of `users` closed-loop users for `duration_s` (whole seconds, rounded up); with
+    `rate_per_user` (Triton HTTP), each user sends that many requests per second instead of back to back.
 
     `url` is the server's HTTP base URL (also for gRPC, whose readiness and metadata are checked over it).
     Writes locust.log and timings.npy into `workdir` (a temporary folder when None).
@@ -199,6 +201,9 @@ def run_locust(
         "DEPLOYKIT_GRPC_URL": grpc_url,
         "DEPLOYKIT_SAMPLES_OUT": str(timings_path),
     }
+    env.pop("DEPLOYKIT_RATE_PER_USER", None)
+    if rate_per_user:
+        env["DEPLOYKIT_RATE_PER_USER"] = f"{rate_per_user:g}"
     env.pop("DEPLOYKIT_SAMPLES_IN", None)
     if samples is not None:
         env["DEPLOYKIT_SAMPLES_IN"] = str(Path(samples).resolve())
