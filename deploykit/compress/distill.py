@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from deploykit.data import make_loader
+from deploykit.data import make_loader, plain_item
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float, temperature: float) -> Tensor:
@@ -73,5 +73,4 @@ class WithTeacherLogits(Dataset):
 
     def item(self, index: int, augment: bool) -> tuple:
         """(x, y) of the wrapped split, without the logits (and without its augmentation if it has one to skip)."""
-        item = getattr(self.dataset, "item", None)
-        return item(index, augment) if item else tuple(self.dataset[index][:2])
+        return plain_item(self.dataset, index, augment)

@@ -14,7 +14,7 @@ from deploykit.data.config import DataConfig
 from deploykit.data.transforms import Augment, Normalize, channel_stats, mixup_batch, to_float
 from deploykit.errors import DeploykitError
 
-__all__ = ["DataBundle", "build_datasets", "clean_subset", "make_loader", "mixup_batch", "sample_batch"]
+__all__ = ["DataBundle", "build_datasets", "clean_subset", "make_loader", "mixup_batch", "plain_item", "sample_batch"]
 
 # Each loader returns (images, labels, class_names); images[i] is a [C, H, W] uint8 or float tensor, either
 # precomputed (a Tensor) or decoded/generated on access.
@@ -154,6 +154,14 @@ def make_loader(
     )
 
 
+def plain_item(dataset: Dataset, index: int, augment: bool) -> tuple[Tensor, int]:
+    """Sample `index` of `dataset` as (x, y) without extra items; augment=False skips the augmentation of
+    deploykit's splits (any other dataset is read as it is)."""
+    item = getattr(dataset, "item", None)
+    x, y, *_ = item(index, augment) if item else dataset[index]
+    return x, y
+
+
 class _Clean(Dataset):
     """The first `n` samples of a dataset as (x, y), never augmented and without extra items."""
 
@@ -164,9 +172,7 @@ class _Clean(Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        item = getattr(self.dataset, "item", None)  # deploykit's splits can skip their augmentation
-        x, y, *_ = item(index, augment=False) if item else self.dataset[index]
-        return x, y
+        return plain_item(self.dataset, index, augment=False)
 
 
 def clean_subset(dataset: Dataset, n: int) -> Dataset:

@@ -225,6 +225,9 @@ class QuantizeStage(Stage):
                 on_batch=on_batch,
             )
 
+        def best() -> str:
+            return max(trials, key=lambda t: t["accuracy"])["method"]  # the first of equals: the cheapest
+
         def quantize(source: Path, path: Path, excluded: list[str], on_batch: Callable[[], None]) -> None:
             if not trials:  # the all-INT8 attempt: each calibration in turn until one keeps the accuracy
                 for method in methods:
@@ -236,13 +239,11 @@ class QuantizeStage(Stage):
                         break
                 if len(trials) > 1:
                     ctx.reporter.log("calibration: " + ", ".join(f"{t['method']} {t['accuracy']:.2%}" for t in trials))
-            best = max(trials, key=lambda t: t["accuracy"])["method"]  # the first of equals: the cheapest
-            if excluded or best != trials[-1]["method"]:
-                calibrated(best, source, path, excluded, on_batch)
+            if excluded or best() != trials[-1]["method"]:  # else `path` already holds the best all-INT8 model
+                calibrated(best(), source, path, excluded, on_batch)
 
         search, extra = self._search_onnx(ctx, fp32, scratch, quantize, batches, STATIC_OPS)
-        chosen = max(trials, key=lambda t: t["accuracy"])["method"]
-        return search, {**extra, "calibration": {"method": chosen, "trials": trials}}
+        return search, {**extra, "calibration": {"method": best(), "trials": trials}}
 
     def _dynamic(self, ctx: StageContext, fp32: _Fp32, scratch: Path) -> tuple[SearchResult, dict[str, Any]]:
         from deploykit.compress.quantize import DYNAMIC_OPS, quantize_dynamic_int8

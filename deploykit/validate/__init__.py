@@ -64,8 +64,6 @@ def _fuzz(
 ) -> dict[str, Any]:
     from deploykit.validate.fuzz import fuzz_server
 
-    if client.engine != "triton":
-        raise DeploykitError("The bad-input corpus speaks Triton's protocols: drop --fuzz for TorchServe.")
     before = client.infer(x)
     with reporter.task("bad-input corpus", total=None):
         return fuzz_server(
@@ -128,6 +126,8 @@ def validate_server(
     The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime`; the load
     test runs on `load_client` (locust, or perf_analyzer for Triton).
     """
+    if fuzz and engine != "triton":  # refused before any request is sent
+        raise DeploykitError("The bad-input corpus speaks Triton's protocols: drop --fuzz for TorchServe.")
     reporter = reporter or silent()
     out_dir = Path(out_dir)
     client = OipClient(url, model, engine)

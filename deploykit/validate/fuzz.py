@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from deploykit.serve.oip import infer_body
+from deploykit.serve.process import http_status
 
 REFUSED, SERVER_ERROR, ACCEPTED, CRASHED = "refused", "server error", "accepted", "crashed"
 # UNAVAILABLE is not among them: it is what a dead server answers. RESOURCE_EXHAUSTED: gRPC refused the message size.
@@ -50,16 +51,6 @@ class _Http:
             return reply.status, reply.read().decode(errors="replace")
         except (OSError, http.client.HTTPException) as e:
             return 0, f"{type(e).__name__}: {e}"
-        finally:
-            conn.close()
-
-    def live(self) -> bool:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            conn.request("GET", "/v2/health/live")
-            return conn.getresponse().status == 200
-        except (OSError, http.client.HTTPException):
-            return False
         finally:
             conn.close()
 
@@ -293,7 +284,6 @@ def fuzz_server(
     else the rest is not sent. `good()` then sends a good request and says whether its outputs were right.
     Returns counts per protocol, every outcome, and whether the server came through (no crash, good answer)."""
     shape = [1, *input_shape]
-    probe = _Http(url, timeout)
     sends = _http_sends(url, model, shape, timeout)
     if grpc_url:
         sends |= _grpc_sends(grpc_url, model, shape, timeout)
@@ -301,7 +291,7 @@ def fuzz_server(
     for key, send in sends.items():
         protocol, case = key.split(": ", 1)
         result, detail = send()
-        if not probe.live():
+        if http_status(f"{url.rstrip('/')}/v2/health/live", timeout) != 200:
             result, detail = CRASHED, f"the server stopped answering after it ({detail})"
         outcomes.append(Outcome(protocol, case, result, detail))
         if result == CRASHED:
