@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits
 from torch import Tensor
 
 from deploykit.data.config import DataConfig
@@ -12,6 +11,8 @@ from deploykit.data.transforms import resize
 
 def load(cfg: DataConfig) -> tuple[Tensor, Tensor, list[str]]:
     """All digits as float [N, channels, size, size] in [0, 1], int64 labels and class names '0'..'9'."""
+    from sklearn.datasets import load_digits  # 1 s of imports that only this dataset needs
+
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div_(16).unsqueeze(1)  # pixel values are 0..16
     images = resize(images, cfg.image_size).clamp_(0, 1)

@@ -156,10 +156,8 @@ class DistillStage(Stage):
 
     def _student(self, ctx: StageContext, teacher: StageRecord, bundle: DataBundle) -> tuple[nn.Module, dict, str]:
         """The student model, its description for save_model, and where it came from (stage or model name)."""
-        import torch
-
         from deploykit.train import load_model
-        from deploykit.zoo import get_model
+        from deploykit.zoo import build_model
 
         spec = self.config.student
         if spec == "upstream":
@@ -177,5 +175,5 @@ class DistillStage(Stage):
             "in_channels": spec.in_channels or bundle.in_channels,
             "options": dict(spec.options),
         }
-        torch.manual_seed(self.config.train.seed)  # a reproducible initialisation, shared with the baseline
-        return get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"]), arch, spec.name
+        # a reproducible initialisation, shared with the baseline
+        return build_model(arch, seed=self.config.train.seed), arch, spec.name

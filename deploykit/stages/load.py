@@ -35,15 +35,12 @@ class LoadStage(Stage):
     Config = LoadConfig
 
     def run(self, ctx: StageContext) -> StageResult:
-        import torch
-
         from deploykit.train.checkpoint import load_torch, state_dict_from
         from deploykit.train.outputs import publish_model
-        from deploykit.zoo import get_model
+        from deploykit.zoo import build_model
 
         cfg, arch = self.config, ctx.arch()
-        torch.manual_seed(cfg.seed)
-        model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"])
+        model = build_model(arch, seed=cfg.seed)
         if cfg.weights is not None:
             state = state_dict_from(load_torch(cfg.weights, "weights file"), cfg.weights, "weights file")
             state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP

@@ -33,10 +33,10 @@ class TrainStage(Stage):
         from deploykit.train import fit
         from deploykit.train.outputs import publish_model
         from deploykit.train.recipes import apply_recipe
-        from deploykit.zoo import get_model, model_family
+        from deploykit.zoo import build_model, model_family
 
         bundle, arch = ctx.data(), ctx.arch()
-        model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"])
+        model = build_model(arch, seed=self.config.seed)
         mixup = ctx.pipeline.data.augment.mixup_alpha
         cfg, taken = self.config, {}
         if cfg.recipe == "auto":

@@ -55,9 +55,13 @@ _LOAD_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingEr
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, renamed into place only when complete."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save to a temporary file beside `path`, renamed into place only when complete.
+
+    Saved through a file object: given a path, torch names the archive's records after the (random) temporary
+    file, so the same weights would give different bytes, and hashes, in every run.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_torch(path: Path, what: str) -> Any:
@@ -114,10 +118,10 @@ def _reshaped_layers(model: nn.Module, arch: dict) -> dict[str, dict[str, Any]]:
     Modules the architecture does not have are left out: no rebuild could create them, and loading the
     state_dict then names the mismatch.
     """
-    from deploykit.zoo import get_model
+    from deploykit.zoo import build_model
 
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        reference = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("options", {}))
+        reference = build_model(arch)
     fresh = dict(reference.named_modules())
     layers = {}
     for name, module in model.named_modules():
@@ -149,7 +153,7 @@ def _rebuild_layers(model: nn.Module, layers: dict[str, dict[str, Any]], arch_pa
 
 def load_model(directory: Path) -> tuple[nn.Module, dict]:
     """Rebuild the zoo model described by directory/model.json and load directory/model.pt into it (eval mode)."""
-    from deploykit.zoo import get_model  # the zoo imports every family; only loading needs it
+    from deploykit.zoo import build_model  # the zoo imports every family; only loading needs it
 
     directory = Path(directory)
     arch_path = directory / ARCH_FILE
@@ -165,7 +169,7 @@ def load_model(directory: Path) -> tuple[nn.Module, dict]:
         ) from exc
     checkpoint = directory / CHECKPOINT_FILE
     state = state_dict_from(load_torch(checkpoint, "model checkpoint"), checkpoint, "model checkpoint")
-    model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("options", {}))
+    model = build_model(arch)
     _rebuild_layers(model, arch.get("layers", {}), arch_path)
     try:
         model.load_state_dict(state)

@@ -18,6 +18,7 @@ from deploykit.zoo.efficientnet import compound_scaling
 
 __all__ = [
     "ZooModel",
+    "build_model",
     "compound_scaling",
     "count_macs",
     "count_params",
@@ -90,6 +91,17 @@ def get_model(name: str, num_classes: int = 1000, in_channels: int = 3, **option
             raise DeploykitError(f"{label}={value!r} for {canonical} is invalid: use a whole number of at least 1.")
     _check_options(canonical, spec, options)
     return spec.build(num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def build_model(arch: dict[str, Any], seed: int | None = None) -> ZooModel:
+    """The model an arch description (name, num_classes, in_channels, options) names.
+
+    With a seed, the initialisation is a function of it alone: a stage that builds its model before seeding
+    the global generator trains a different network in every process, so no run could be reproduced.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch.get("options", {}))
 
 
 def default_resolution(name: str) -> int:

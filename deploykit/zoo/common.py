@@ -106,6 +106,10 @@ def init_weights(
     zero_init_residual: bool = False,
 ) -> None:
     """He init for convs, BN to identity, linears by the family's rule (None keeps PyTorch's default)."""
+    if any(p.is_meta for p in model.parameters()):
+        # Shapes only (config checks, MAC counts): meta tensors hold no values, and torch routes their normal_
+        # through its Python references, whose first use imports dynamo (1.5 s on every CLI start).
+        return
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
