@@ -48,15 +48,35 @@ def package(
     image: Annotated[
         str, typer.Option(help="Container image the Kubernetes Deployment runs (pin a tag).")
     ] = "deploykit-triton:0.1.0",
+    kserve: Annotated[
+        bool,
+        typer.Option("--kserve", help="Also write a KServe InferenceService (kserve.yaml) into the repo's parent."),
+    ] = False,
+    storage_uri: Annotated[
+        str | None,
+        typer.Option(help="Where KServe fetches the model repository (gs://, s3://, pvc://, ...); for --kserve."),
+    ] = None,
     monitoring: Annotated[
         bool,
         typer.Option(help="Also write a Grafana dashboard and a Prometheus scrape config into <repo's parent>/monitoring."),
     ] = False,
 ) -> None:
-    """Add a model version to a Triton model repository (and optionally a TorchServe archive, k8s manifests, and
-    monitoring files)."""
+    """Add a model version to a Triton model repository (and optionally a TorchServe archive, k8s manifests, a KServe
+    InferenceService, and monitoring files)."""
     from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
     from deploykit.serve.triton import find_triton
+
+    service = None
+    if kserve:  # every KServe check before the repository is touched
+        from deploykit.package.kserve import kserve_inference_service, require_native
+
+        if not storage_uri:
+            raise DeploykitError(
+                "--kserve needs --storage-uri: the gs://, s3://, pvc:// (or other) address the repository is "
+                "uploaded to."
+            )
+        require_native(repo, name, flavour)
+        service = kserve_inference_service(name, storage_uri, gpus=1 if gpu else 0)
 
     if not model_file.is_file():
         raise DeploykitError(f"Model file {model_file} does not exist: export one with `deploykit optimize` first.")
@@ -92,6 +112,10 @@ def package(
         from deploykit.package.k8s import k8s_manifests, write_k8s
 
         console.print(f"kubernetes: {write_k8s(repo.resolve().parent, k8s_manifests(name, image))}")
+    if service:
+        from deploykit.package.kserve import write_kserve
+
+        console.print(f"kserve: {write_kserve(repo.resolve().parent, service)}")
 
 
 def _wait_for_signal(is_running: Any) -> str:

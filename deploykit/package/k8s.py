@@ -20,23 +20,28 @@ _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _MAX_NAME = 63  # a Service name is a DNS-1035 label: at most 63 characters, starting with a letter
 
 
-def k8s_name(name: str) -> str:
+def k8s_name(name: str, max_length: int = _MAX_NAME) -> str:
     """The Kubernetes object name for model `name`: 'triton-' + lowercase, '-' for '_' and '.'."""
     validate_model_name(name)
     label = "triton-" + re.sub(r"[_.]", "-", name.lower()).strip("-")
     label = re.sub(r"-{2,}", "-", label)
-    if len(label) > _MAX_NAME:
+    if len(label) > max_length:
         raise DeploykitError(
-            f"Model name {name!r} makes the Kubernetes name {label!r}, longer than {_MAX_NAME} characters: "
+            f"Model name {name!r} makes the Kubernetes name {label!r}, longer than {max_length} characters: "
             "use a shorter model name."
         )
     return label
 
 
-def _check(cpu: str, memory: str, ports: list[int], replicas: int, min_replicas: int, max_replicas: int) -> None:
+def check_resources(cpu: str, memory: str) -> None:
+    """Raise one clear sentence unless `cpu` and `memory` are Kubernetes quantities."""
     for what, value in (("cpu", cpu), ("memory", memory)):
         if not _QUANTITY.fullmatch(value):
             raise DeploykitError(f"{what} {value!r} is not a Kubernetes quantity: write e.g. '2', '500m' or '4Gi'.")
+
+
+def _check(cpu: str, memory: str, ports: list[int], replicas: int, min_replicas: int, max_replicas: int) -> None:
+    check_resources(cpu, memory)
     if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
         raise DeploykitError(f"Ports {ports} must be three different numbers from 1 to 65535: fix the port options.")
     if not 1 <= min_replicas <= replicas <= max_replicas:
