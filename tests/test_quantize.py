@@ -115,7 +115,8 @@ def test_ptq_pipeline_writes_a_u8s8_per_channel_qdq_model(run):
     assert metrics["parity"]["top1_agreement"] >= 0.95 and metrics["parity"]["samples"] == 128
     assert metrics["size_ratio"] <= 0.35 and metrics["int8_bytes"] < metrics["fp32_bytes"]
     assert metrics["accuracy_goal_met"] and metrics["excluded_nodes"] == [] and len(metrics["attempts"]) == 1
-    assert metrics["calibration"] == {"method": "minmax", "trials": [{"method": "minmax", "accuracy": metrics["int8_accuracy"]}]}
+    trials = [{"method": "minmax", "accuracy": metrics["int8_accuracy"]}]
+    assert metrics["calibration"] == {"method": "minmax", "trials": trials, "bias_corrected_layers": 0}
     layers = metrics["sensitivity"]  # ranked for the report although no fallback was needed
     assert 0 < len(layers) <= 10 and [x["loss_db"] for x in layers] == sorted((x["loss_db"] for x in layers), reverse=True)
     assert all(x["module"] for x in layers)  # the PyTorch module each ONNX node was exported from
@@ -136,6 +137,21 @@ def test_each_calibration_method_runs(run, tmp_path, method):
     )
     assert "DequantizeLinear" in ops(path) and metrics["parity"]["top1_agreement"] >= 0.9
     assert metrics["fallback"] == "accuracy goal disabled"
+
+
+def test_bias_correction_rewrites_every_quantized_layer_bias(run, tmp_path):
+    plain = run.dir / "quantize" / "model.int8.onnx"
+    metrics, path = run_stage(run, tmp_path, [run.records["export"]], calibration_samples=64, bias_correction=True)
+    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "Gemm")]
+    assert metrics["calibration"]["bias_corrected_layers"] == len(convs) > 0
+    biases = {}
+    for model in (plain, path):
+        graph = onnx.load(str(model)).graph
+        biases[model] = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT32}
+    assert biases[plain].keys() == biases[path].keys()
+    moved = [name for name in biases[path] if not np.array_equal(biases[path][name], biases[plain][name])]
+    assert len(moved) >= len(convs) // 2  # the same calibration, so only the correction differs
+    assert metrics["parity"]["top1_agreement"] >= 0.95 and metrics["accuracy_goal_met"]
 
 
 def test_missing_onnx_upstream_is_a_clear_error(in_tmp):

@@ -243,6 +243,8 @@ def _sensitivity_blocks(upstream: list[StageRecord]) -> list[Block]:
             tried = ", ".join(f"{t['method']} {f.percent(t['accuracy'])}" for t in trials)
             chosen = metrics["calibration"]["method"]
             line = f"{record.name}: calibration tried (val top-1 with every layer INT8): {tried}; kept {chosen}."
+            if metrics["calibration"].get("bias_corrected_layers"):
+                line += f" Bias correction: {metrics['calibration']['bias_corrected_layers']} layer(s)."
             blocks.append(Paragraph(line))
         blocks += [
             Paragraph(

@@ -90,6 +90,11 @@ class PtqSettings(_CalibratedSettings):
     activation_type: Literal["uint8", "int8"] = Field(
         "uint8", description="ptq: uint8 runs 3-4x faster on x86 CPUs (u8 x s8 kernels); int8 is symmetric, as TensorRT needs."
     )
+    bias_correction: bool = Field(
+        False,
+        description="ptq: shift each INT8 Conv/Gemm bias by the mean error its rounded weights add to its output on "
+        "the calibration data (deploykit/compress/bias_correction.py).",
+    )
 
 
 class DynamicSettings(QuantizeSettings):
@@ -201,6 +206,7 @@ class QuantizeStage(Stage):
     # -- making candidates: one handler per method (_METHODS) ----------------------------------------------
 
     def _ptq(self, ctx: StageContext, fp32: _Fp32, scratch: Path) -> tuple[SearchResult, dict[str, Any]]:
+        from deploykit.compress.bias_correction import correct_bias
         from deploykit.compress.quantize import STATIC_OPS, accuracy_drop, quantize_static_qdq
         from deploykit.runtime import evaluate_accuracy, ort_session
 
@@ -208,6 +214,7 @@ class QuantizeStage(Stage):
         batches = _batches(bundle, cfg.calibration_samples, cfg.calibration_batch_size)
         methods = _AUTO_CALIBRATION if cfg.calibrate_method == "auto" else (cfg.calibrate_method,)
         trials: list[dict[str, Any]] = []
+        corrected: dict[str, int] = {}
 
         def calibrated(
             method: str, source: Path, path: Path, excluded: list[str], on_batch: Callable[[], None]
@@ -224,6 +231,8 @@ class QuantizeStage(Stage):
                 cache=scratch / f"calibration-{method}.json",  # later attempts reuse the first one's ranges
                 on_batch=on_batch,
             )
+            if cfg.bias_correction:
+                corrected["layers"] = correct_bias(source, path, batches)
 
         def best() -> str:
             return max(trials, key=lambda t: t["accuracy"])["method"]  # the first of equals: the cheapest
@@ -243,7 +252,8 @@ class QuantizeStage(Stage):
                 calibrated(best(), source, path, excluded, on_batch)
 
         search, extra = self._search_onnx(ctx, fp32, scratch, quantize, batches, STATIC_OPS)
-        return search, {**extra, "calibration": {"method": best(), "trials": trials}}
+        calibration = {"method": best(), "trials": trials, "bias_corrected_layers": corrected.get("layers", 0)}
+        return search, {**extra, "calibration": calibration}
 
     def _dynamic(self, ctx: StageContext, fp32: _Fp32, scratch: Path) -> tuple[SearchResult, dict[str, Any]]:
         from deploykit.compress.quantize import DYNAMIC_OPS, quantize_dynamic_int8
