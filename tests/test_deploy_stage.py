@@ -66,9 +66,9 @@ def test_deploy_needs_an_onnx_model_and_a_safe_name(tmp_path):
         )
 
 
-def test_perf_analyzer_and_tune_are_refused_on_torchserve():
+def test_perf_analyzer_tune_and_fuzz_are_refused_on_torchserve():
     base = {"name": "x", "data": {"dataset": "digits"}, "model": {"name": "resnet18"}}
-    for wrong in ({"client": "perf_analyzer"}, {"tune": True}, {"protocol": "grpc"}):
+    for wrong in ({"client": "perf_analyzer"}, {"tune": True}, {"fuzz": True}, {"protocol": "grpc"}):
         with pytest.raises(DeploykitError, match="Triton only|speaks http only"):
             parse_pipeline({**base, "stages": [{"stage": "deploy", "engine": "torchserve", **wrong}]})
 
@@ -95,3 +95,16 @@ def test_deploy_on_torchserve_validates_the_same_way(tmp_path):
     assert m["engine"] == "torchserve" and m["passed"], m["checks_failed"]
     assert m["checks_passed"] >= 8 and "served" not in m  # no load test asked for
     assert (tmp_path / "tiny" / "deploy" / "model_store" / "tiny.mar").is_file()
+
+
+def test_deploy_fuzz_sends_the_corpus_and_restarts_the_server_it_owns(tmp_path):
+    from test_fuzz import TRITON_251_CRASHERS
+
+    stages = [{"stage": "export"}, {"stage": "deploy", "fuzz": True, "duration_s": 0}]
+    m = {o.name: o for o in run_pipeline(tiny_pipeline(tmp_path, stages))}["deploy"].metrics
+    corpus = m["fuzz"]
+    assert all(n["sent"] >= 30 for n in corpus["counts"].values()) and len(corpus["counts"]) == 3
+    # Triton 2.51's two known crashers fail the checks; the stage restarted the server and sent the rest.
+    assert corpus["crashed"] == TRITON_251_CRASHERS and corpus["good_request_after"] is True
+    assert m["checks_failed"] == ["bad input: corpus (http json)", "bad input: server survives the corpus"]
+    assert not m["passed"]

@@ -50,13 +50,18 @@ class DeployConfig(SLOSettings):
         "highest users level) and serve the config with the most throughput whose P95 meets the SLO.",
     )
     tune_budget_s: float = Field(120.0, gt=0.0, description="Seconds the tuning search may take at most.")
+    fuzz: bool = Field(
+        False,
+        description="Triton: also send the bad-input corpus (30+ malformed requests per protocol); a crash fails a "
+        "check, and the stage restarts the server to send the rest.",
+    )
     fail_on_breach: bool = Field(False, description="Fail the run when a check or the SLO fails.")
     start_timeout_s: float = Field(120.0, gt=0.0, description="Seconds to wait for the server to become ready.")
 
     @model_validator(mode="after")
     def _client_speaks_the_engine(self) -> DeployConfig:
-        if (self.client == "perf_analyzer" or self.tune) and self.engine != "triton":
-            raise ValueError("perf_analyzer and tune work with Triton only: use client: locust, tune: false")
+        if (self.client == "perf_analyzer" or self.tune or self.fuzz) and self.engine != "triton":
+            raise ValueError("perf_analyzer, tune and fuzz work with Triton only: use client: locust, tune: false, fuzz: false")
         if self.protocol not in engine_traits(self.engine).protocols:
             raise ValueError(f"{self.engine} speaks http only here: set protocol: http")
         return self
@@ -98,6 +103,9 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         metrics["served_p50_ms"] = levels[0]["p50_ms"]
         metrics["served_throughput"] = max(level["throughput_rps"] for level in levels)
         metrics["slo_passed"] = (loadtest.get("verdict") or {}).get("passed")
+    corpus = result.get("fuzz")
+    if corpus:
+        metrics["fuzz"] = {k: corpus[k] for k in ("counts", "crashed", "good_request_after")}
     return metrics
 
 
@@ -119,6 +127,11 @@ class DeployStage(Stage):
         samples = real_batches(ctx.data(), [SAMPLES])[0]
         server, artifacts, tuned = self._package_and_server(ctx, name, ref, samples)
         slo = cfg.target()
+
+        def restart() -> None:  # the stage owns the server: a crash is recorded and the corpus goes on
+            server.stop()
+            server.start(timeout=cfg.start_timeout_s)
+
         server.start(timeout=cfg.start_timeout_s)
         try:
             if name in (failed := server.failed_models()):
@@ -141,6 +154,8 @@ class DeployStage(Stage):
                 slo=slo,
                 size_mb=(ctx.stats(ref).bytes or model_path.stat().st_size) / 1e6,
                 reporter=ctx.reporter,
+                fuzz=cfg.fuzz,
+                restart=restart,
             )
         finally:
             server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,19 @@ def _load_checks(result: dict[str, Any]) -> list[Check]:
 
 
 def _fuzz(
-    client: OipClient, shape: list[int], grpc_url: str | None, x: np.ndarray, reporter: Reporter
+    client: OipClient,
+    shape: list[int],
+    grpc_url: str | None,
+    x: np.ndarray,
+    reporter: Reporter,
+    restart: Callable[[], None] | None,
 ) -> dict[str, Any]:
     from deploykit.validate.fuzz import fuzz_server
 
     before = client.infer(x)
     with reporter.task("bad-input corpus", total=None):
         return fuzz_server(
-            client.url, client.model, shape, grpc_url=grpc_url,
+            client.url, client.model, shape, grpc_url=grpc_url, restart=restart,
             good=lambda: bool(np.allclose(client.infer(x), before, rtol=1e-5, atol=1e-6)),
         )  # fmt: skip
 
@@ -117,11 +123,13 @@ def validate_server(
     size_mb: float | None = None,
     reporter: Reporter | None = None,
     fuzz: bool = False,
+    restart: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run every check, then (when `duration_s` > 0) the load test; writes out_dir/validation.json and returns it.
 
     `fuzz` (Triton only) adds the bad-input corpus of deploykit.validate.fuzz: every protocol's malformed requests,
-    none of which may take the server down, and a good request after them that must answer as before.
+    none of which may take the server down, and a good request after them that must answer as before. A caller
+    that owns the server passes `restart`, and a crash is recorded and the corpus goes on; else the rest is not sent.
 
     The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime`; the load
     test runs on `load_client` (locust, or perf_analyzer for Triton).
@@ -144,7 +152,7 @@ def validate_server(
     checks += bad_input_checks(client, shape)
     corpus = None
     if fuzz:
-        corpus = _fuzz(client, shape, grpc_url, samples[:1], reporter)
+        corpus = _fuzz(client, shape, grpc_url, samples[:1], reporter, restart)
         checks += _fuzz_checks(corpus)
     if metrics_url:
         checks.append(metrics_check(metrics_url, model, engine))
