@@ -86,6 +86,7 @@ def _running_stage(run_dir: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.side
 def test_sigkill_at_ten_random_moments_resumes_to_the_uninterrupted_result(in_tmp):
     (in_tmp / "p.yaml").write_text(yaml.safe_dump(PIPELINE))
     run_dir = in_tmp / "runs/crash"
