@@ -10,7 +10,9 @@ What it measures, each a median over `repeats` rounds with the servers' runs int
   4. ResNet-18 INT8 at 224x224 served at 1 and 2 users against the image-classification SLO;
   5. the quickstart model at one client with perf_analyzer beside locust (the P50 overhead over in-process, and
      the CPU each client burns: on 2 cores the load generator competes with the server);
-  6. `deploykit tune` at 8 clients: the tuned config's throughput against the default config's, at its P95.
+  6. `deploykit tune` at 8 clients: the tuned config's throughput against the default config's, at its P95;
+     beside it the ceiling no setting can pass here: a null model (the same input and output, next to no compute)
+     served and loaded the same way, whose throughput over the default config's bounds any tuned ratio.
 The models come from the quickstart and resnet18-latency pipelines (run up to `quantize`, cached).
 Load generator and servers share this machine's cores, as they would on a one-box deployment.
 """
@@ -60,6 +62,27 @@ def int8_model(pipeline: str, runs_dir: Path) -> tuple[Path, np.ndarray]:
 
     samples = real_batches(build_datasets(cfg.data), [32])[0]
     return runs_dir / cfg.name / "quantize" / "model.int8.onnx", samples
+
+
+def null_model(like: Path, out: Path) -> Path:
+    """An ONNX model with `like`'s input and output (name, shape) that computes next to nothing: Flatten, then a
+    zero Gemm. Served like the real one, it measures what serving alone costs on this machine."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = onnx.load(str(like), load_external_data=False).graph
+    x, y = graph.input[0], graph.output[0]
+    features = int(np.prod([d.dim_value for d in x.type.tensor_type.shape.dim[1:]]))
+    classes = y.type.tensor_type.shape.dim[1].dim_value
+    nodes = [helper.make_node("Flatten", [x.name], ["flat"]), helper.make_node("Gemm", ["flat", "w"], [y.name], transB=1)]
+    weights = numpy_helper.from_array(np.zeros((classes, features), np.float32), "w")
+    model = helper.make_model(
+        helper.make_graph(nodes, "null", [x], [helper.make_tensor_value_info(y.name, TensorProto.FLOAT, ["n", classes])],
+                          [weights]),  # fmt: skip
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    onnx.save(model, str(out))
+    return out
 
 
 def build_repo(root: Path, qs: Path, r18: Path) -> Path:
@@ -161,8 +184,13 @@ def main() -> None:
     target_ms = get_slo("image_classification").max_latency_ms
     tuned = tune_triton(qs, "qs", work / "tune", base=default, max_p95_ms=target_ms, concurrency=8, samples=qs_npy,
                         budget_s=120.0)  # fmt: skip
+    print("ceiling: a null model, default config, 8 clients")
+    null = null_model(qs, work / "null.onnx")
+    ceiling = tune_triton(null, "null", work / "ceiling", base=default, max_p95_ms=target_ms, concurrency=8,
+                          samples=qs_npy, budget_s=0.0)["tried"][0]  # only the base config is measured  # fmt: skip
     report = summarize(rounds, r18.stat().st_size / 1e6)
     report["tune"] = {k: tuned[k] for k in ("tried", "best", "meets_slo", "throughput_vs_base", "max_p95_ms")}
+    report["tune"]["ceiling"] = ceiling
     report.update(machine_before=machine_before, machine_after=machine_info(), settings=vars(args), rounds=rounds,
                   finished_utc=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}")  # fmt: skip
     atomic_write_json(work / "serving.json", report)
@@ -246,6 +274,13 @@ def markdown(r: dict[str, Any]) -> str:
             f"delay {best['max_queue_delay_us']} us) {best['throughput_rps']:.0f} req/s P95 {best['p95_ms']:.2f} ms = "
             f"{t['throughput_vs_base']:.2f}x, of {len(t['tried'])} configs tried | {met(ok)} |"
         )
+        if "ceiling" in t:
+            top = t["ceiling"]["throughput_rps"] / base["throughput_rps"]
+            lines.append(
+                f"| ceiling for any tuned config: a null model (same input/output, no compute) served and loaded the "
+                f"same way | {t['ceiling']['throughput_rps']:.0f} req/s P95 {t['ceiling']['p95_ms']:.2f} ms = "
+                f"{top:.2f}x the default config's throughput | {'1.5x reachable' if top >= 1.5 else '1.5x out of reach here'} |"
+            )
     for n in ("1", "2"):
         v = r18[n]
         ok = (
