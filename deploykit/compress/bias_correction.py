@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from deploykit.files import atomic_path
 
 _CORRECTED_OPS = ("Conv", "Gemm")
-_MAX_ROWS = 8  # samples per pass: every corrected layer's input is held at once (ResNet-50 at 224: ~80 MB a sample)
+_MAX_ROWS = 8  # samples per pass: the inputs of every corrected layer are held at once
 
 
 @dataclass
@@ -57,13 +57,14 @@ def correct_bias(float_model: Path, quant_model: Path, batches: Sequence[np.ndar
     layers = _layers(model, onnx.load(str(float_model)))
     if not layers:
         return 0
-    inputs = list(dict.fromkeys(layer.node.input[0] for layer in layers))
-    run = _probe(model, inputs)
+    readers: dict[str, list[_Layer]] = {}  # a tensor may feed several layers (a block's conv and its shortcut)
+    for layer in layers:
+        readers.setdefault(layer.node.input[0], []).append(layer)
+    run = _probe(model, list(readers))
     for batch in _split(batches):
-        for name, value in zip(inputs, run(batch)):
-            for layer in layers:
-                if layer.node.input[0] == name:
-                    layer.add(value)
+        for value, reading in zip(run(batch), readers.values()):
+            for layer in reading:
+                layer.add(value)
     for layer in layers:
         delta = layer.total / layer.count + layer.bias_delta
         q = numpy_helper.to_array(layer.bias).astype(np.int64) - np.round(delta / layer.bias_scale).astype(np.int64)
