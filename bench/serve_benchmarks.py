@@ -80,6 +80,7 @@ def null_model(like: Path, out: Path) -> Path:
         helper.make_graph(nodes, "null", [x], [helper.make_tensor_value_info(y.name, TensorProto.FLOAT, ["n", classes])],
                           [weights]),  # fmt: skip
         opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,  # what the ONNX Runtime serving it (in .venv-triton) reads; this onnx would write a newer one
     )
     onnx.save(model, str(out))
     return out

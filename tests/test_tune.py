@@ -18,10 +18,10 @@ def test_candidates_start_with_the_base_share_the_cores_and_never_narrow_the_bat
     found = candidates(base, cores=2)
     assert found[0] == base and len(found) == len({o.model_dump_json() for o in found})
     for o in found[1:]:
-        assert o.threads == 2 // o.instances and o.max_batch_size in (8, 16)
+        assert o.threads in (2 // o.instances, 1) and o.max_batch_size in (8, 16)
         assert o.dynamic_batching or o.max_queue_delay_us == 0
-    assert {(o.instances, o.max_batch_size, o.dynamic_batching) for o in found} == {
-        (i, b, d) for i in (1, 2) for b in (8, 16) for d in (False, True)
+    assert {(o.instances, o.threads, o.max_batch_size, o.dynamic_batching) for o in found[1:]} == {
+        (i, t, b, d) for i, t in ((1, 2), (1, 1), (2, 1)) for b in (8, 16) for d in (False, True)
     }
     unbatched = candidates(base.model_copy(update={"max_batch_size": 0}), cores=2)
     assert {o.max_batch_size for o in unbatched} == {0} and {o.instances for o in unbatched} == {1, 2}
