@@ -27,7 +27,7 @@ from deploykit.train.recipes import auto_recipe, families
 from deploykit.zoo import get_model
 
 # GoogLeNet trains for ~16 s and the others for 7-11 s: more than unmarked tests should take.
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.side, pytest.mark.usefixtures("one_thread")]
 
 NUM_CLASSES = 4
 BATCH = 32
