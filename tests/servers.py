@@ -12,7 +12,7 @@ import torch
 
 from deploykit.package.torchserve_archive import write_torchserve_archive
 from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
-from deploykit.serve.process import free_port
+from deploykit.serve.process import free_ports_on
 from deploykit.serve.server import Server, free_ports, make_server
 from deploykit.serve.triton import TritonServer, find_triton
 
@@ -47,10 +47,7 @@ def export_tiny(path: Path, seed: int = 0) -> Path:
 
 
 def ports(n: int = 3) -> list[int]:
-    found: set[int] = set()
-    while len(found) < n:
-        found.add(free_port())
-    return sorted(found)
+    return free_ports_on(n)
 
 
 def portable_options(**fields) -> TritonModelOptions:

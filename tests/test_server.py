@@ -12,7 +12,7 @@ from deploykit.errors import DeploykitError
 from deploykit.loadtest.metrics import scrape, total
 from deploykit.serve.engines import ENGINES, PROTOCOLS, engine_traits
 from deploykit.serve.oip import OipClient
-from deploykit.serve.process import http_status
+from deploykit.serve.process import free_ports_on, http_status
 from deploykit.serve.server import free_ports, make_server
 
 
@@ -28,6 +28,12 @@ def test_engine_table_answers_what_callers_used_to_branch_on():
     assert "openvino" in triton.formats and torchserve.formats == ("onnx",)
     ports = free_ports("torchserve")
     assert set(ports) == {"inference", "management", "metrics"} and len(set(ports.values())) == 3
+
+
+def test_free_ports_are_distinct_within_one_call():
+    # Picked one after another, the OS may hand the same port back: Triton then refused to start (HTTP = gRPC).
+    assert len(set(free_ports_on(64))) == 64
+    assert all(len(set(free_ports(engine).values())) == len(engine_traits(engine).ports) for engine in ENGINES)
 
 
 def test_the_factory_refuses_what_an_engine_does_not_have(tmp_path):

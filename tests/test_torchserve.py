@@ -24,15 +24,12 @@ from deploykit.errors import DeploykitError
 from deploykit.package import torchserve_handler
 from deploykit.package.torchserve_archive import write_config_properties, write_torchserve_archive
 from deploykit.serve import torchserve
-from deploykit.serve.process import free_port, http_status
+from deploykit.serve.process import free_ports_on, http_status
 from deploykit.serve.torchserve import TorchServeServer
 
 
 def _ports() -> dict[str, int]:
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    return dict(zip(("inference_port", "management_port", "metrics_port"), sorted(ports)))
+    return dict(zip(("inference_port", "management_port", "metrics_port"), free_ports_on(3)))
 
 
 def _body(x: np.ndarray, **override) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,9 +18,17 @@ from deploykit.errors import DeploykitError
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports_on(1, host)[0]
+
+
+def free_ports_on(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different TCP ports nothing listens on right now. Each socket stays bound until all are picked:
+    ports picked one after another can repeat (Triton then refused to start, its HTTP and gRPC on one port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:

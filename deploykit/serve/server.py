@@ -10,7 +10,7 @@ from typing import Protocol
 
 from deploykit.errors import DeploykitError
 from deploykit.serve.engines import EngineTraits, engine_traits
-from deploykit.serve.process import free_port
+from deploykit.serve.process import free_ports_on
 
 
 class Server(Protocol):
@@ -45,7 +45,8 @@ class Server(Protocol):
 
 def free_ports(engine: str) -> dict[str, int]:
     """A free port for every endpoint of `engine`: two servers on one machine never collide."""
-    return {kind: free_port() for kind in engine_traits(engine).ports}
+    kinds = list(engine_traits(engine).ports)
+    return dict(zip(kinds, free_ports_on(len(kinds))))
 
 
 def make_server(
