@@ -74,11 +74,14 @@ def null_model(like: Path, out: Path) -> Path:
     x, y = graph.input[0], graph.output[0]
     features = int(np.prod([d.dim_value for d in x.type.tensor_type.shape.dim[1:]]))
     classes = y.type.tensor_type.shape.dim[1].dim_value
-    nodes = [helper.make_node("Flatten", [x.name], ["flat"]), helper.make_node("Gemm", ["flat", "w"], [y.name], transB=1)]
+    nodes = [
+        helper.make_node("Flatten", [x.name], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w"], [y.name], transB=1),
+    ]
     weights = numpy_helper.from_array(np.zeros((classes, features), np.float32), "w")
+    output = helper.make_tensor_value_info(y.name, TensorProto.FLOAT, ["n", classes])
     model = helper.make_model(
-        helper.make_graph(nodes, "null", [x], [helper.make_tensor_value_info(y.name, TensorProto.FLOAT, ["n", classes])],
-                          [weights]),  # fmt: skip
+        helper.make_graph(nodes, "null", [x], [output], [weights]),
         opset_imports=[helper.make_opsetid("", 17)],
         ir_version=8,  # what the ONNX Runtime serving it (in .venv-triton) reads; this onnx would write a newer one
     )
@@ -280,7 +283,8 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(
                 f"| ceiling for any tuned config: a null model (same input/output, no compute) served and loaded the "
                 f"same way | {t['ceiling']['throughput_rps']:.0f} req/s P95 {t['ceiling']['p95_ms']:.2f} ms = "
-                f"{top:.2f}x the default config's throughput | {'1.5x reachable' if top >= 1.5 else '1.5x out of reach here'} |"
+                f"{top:.2f}x the default config's throughput | "
+                f"{'1.5x reachable' if top >= 1.5 else '1.5x out of reach here'} |"
             )
     for n in ("1", "2"):
         v = r18[n]

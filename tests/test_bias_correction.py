@@ -16,7 +16,8 @@ RNG = np.random.default_rng(7)
 def float_model(tmp_path):
     """Conv (3->8, 3x3, pad 1, stride 2) -> Relu -> Flatten -> Gemm (128->5): per-channel weight magnitudes spread
     over 300x, so one per-tensor INT8 scale rounds the small channels coarsely and shifts their means."""
-    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * np.geomspace(1.0, 1 / 300, 8, dtype=np.float32)[:, None, None, None]
+    spread = np.geomspace(1.0, 1 / 300, 8, dtype=np.float32)[:, None, None, None]
+    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * spread
     fc = RNG.standard_normal((5, 128)).astype(np.float32) * np.geomspace(1.0, 1 / 100, 5, dtype=np.float32)[:, None]
     inits = [
         numpy_helper.from_array(w, "w"),

@@ -147,7 +147,8 @@ def test_bias_correction_rewrites_every_quantized_layer_bias(run, tmp_path):
     biases = {}
     for model in (plain, path):
         graph = onnx.load(str(model)).graph
-        biases[model] = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT32}
+        int32 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT32]
+        biases[model] = {t.name: numpy_helper.to_array(t) for t in int32}
     assert biases[plain].keys() == biases[path].keys()
     moved = [name for name in biases[path] if not np.array_equal(biases[path][name], biases[plain][name])]
     assert len(moved) >= len(convs) // 2  # the same calibration, so only the correction differs

@@ -69,7 +69,8 @@ def correct_bias(float_model: Path, quant_model: Path, batches: Sequence[np.ndar
         delta = layer.total / layer.count + layer.bias_delta
         q = numpy_helper.to_array(layer.bias).astype(np.int64) - np.round(delta / layer.bias_scale).astype(np.int64)
         limits = np.iinfo(np.int32)
-        layer.bias.CopyFrom(numpy_helper.from_array(np.clip(q, limits.min, limits.max).astype(np.int32), layer.bias.name))
+        q = np.clip(q, limits.min, limits.max).astype(np.int32)
+        layer.bias.CopyFrom(numpy_helper.from_array(q, layer.bias.name))
     with atomic_path(Path(quant_model)) as tmp:
         onnx.save(model, str(tmp))
     return len(layers)
@@ -113,9 +114,13 @@ def _layers(model: onnx.ModelProto, float_model: onnx.ModelProto) -> list[_Layer
     return layers
 
 
+def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def _plain(node: onnx.NodeProto) -> bool:
     """Whether `_apply` computes this node as ONNX does: explicit pads only; Gemm as x @ W^T, unscaled."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = _attributes(node)
     if node.op_type == "Conv":
         return attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
     return attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0
@@ -125,7 +130,7 @@ def _apply(node: onnx.NodeProto, x: torch.Tensor, weight: torch.Tensor) -> torch
     """The node's linear part (no bias) on input `x` with weight `weight`."""
     if node.op_type == "Gemm":
         return x.reshape(x.shape[0], -1) @ weight.T
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = _attributes(node)
     spatial = weight.dim() - 2
     pads = list(attrs.get("pads", [0] * 2 * spatial))
     # ONNX lists all begins then all ends; F.pad wants (last begin, last end, ...) from the last axis back.
@@ -146,7 +151,7 @@ def _dequantize(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto])
     zero_point = zero[0] if zero else np.zeros_like(scale)
     if scale.size > 1:  # per channel, along the node's axis
         shape = [1] * q.ndim
-        shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = scale.size
+        shape[_attributes(node).get("axis", 1)] = scale.size
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
     return ((q - zero_point) * scale).astype(np.float32)
 

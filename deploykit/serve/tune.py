@@ -27,8 +27,8 @@ _QUEUE_DELAYS_US = (0, 500)
 def candidates(base: TritonModelOptions, cores: int) -> list[TritonModelOptions]:
     """The base config first (the baseline), then instances x threads x max batch x batching x queue delay: the
     instances share the cores, or each runs on one thread (a small model's per-request work gains nothing from a
-    second thread, and its synchronisation costs: measured on the quickstart model at 8 clients on a 2-core AVX2 machine,
-    1 instance x 1 thread served 2,240-2,740 req/s, 1 instance x 2 threads 1,630-1,710).
+    second thread, and its synchronisation costs: measured on the quickstart model at 8 clients on a 2-core AVX2
+    machine, 1 instance x 1 thread served 2,240-2,740 req/s, 1 instance x 2 threads 1,630-1,710).
 
     The max batch size is never lowered below the base's: Triton refuses a client's batch above it, so a smaller
     one would change what clients may send. A delay only matters with dynamic batching on.

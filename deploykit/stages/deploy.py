@@ -61,7 +61,9 @@ class DeployConfig(SLOSettings):
     @model_validator(mode="after")
     def _client_speaks_the_engine(self) -> DeployConfig:
         if (self.client == "perf_analyzer" or self.tune or self.fuzz) and self.engine != "triton":
-            raise ValueError("perf_analyzer, tune and fuzz work with Triton only: use client: locust, tune: false, fuzz: false")
+            raise ValueError(
+                "perf_analyzer, tune and fuzz work with Triton only: use client: locust, tune: false, fuzz: false"
+            )
         if self.protocol not in engine_traits(self.engine).protocols:
             raise ValueError(f"{self.engine} speaks http only here: set protocol: http")
         return self
