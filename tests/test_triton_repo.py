@@ -281,6 +281,12 @@ def test_run_requests_batches_valid_requests_in_one_call():
         np.testing.assert_array_equal(result["first"], feed["x"][:, 0, 0] * 2)
 
 
+def test_a_lone_request_gets_the_runtime_outputs_themselves():
+    outputs = [np.arange(3, dtype=np.float32)[None], np.zeros((1, 2), np.float32)]
+    results = tpm.run_requests(lambda feed: outputs, [{"x": np.ones((1, 4), np.float32)}], ["a", "b"], batched=True)
+    assert results[0]["a"] is outputs[0] and results[0]["b"] is outputs[1]  # no split, no copy on the hot path
+
+
 def test_run_requests_groups_shapes_and_isolates_failures():
     def run(feed):
         if feed["x"].shape[1] == 1:

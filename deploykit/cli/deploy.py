@@ -354,7 +354,8 @@ def tune(
     max_latency_ms: MaxLatency = None,
     samples: Annotated[Path | None, typer.Option(help=".npy of real inputs [N, C, H, W] to send.")] = None,
     budget: Annotated[
-        float, typer.Option(help="Seconds of search at most (the base config is always measured).")
+        float,
+        typer.Option(help="Seconds of search (the base is always measured; base and pick are then measured again)."),
     ] = 120.0,
     runtime: Annotated[str, typer.Option(help="What runs an ONNX model: onnxruntime or openvino.")] = "onnxruntime",
     out: Out = Path("tune"),

@@ -49,7 +49,9 @@ class DeployConfig(SLOSettings):
         description="Triton: first search instances, max batch and queue delay (short perf_analyzer runs at the "
         "highest users level) and serve the config with the most throughput whose P95 meets the SLO.",
     )
-    tune_budget_s: float = Field(120.0, gt=0.0, description="Seconds the tuning search may take at most.")
+    tune_budget_s: float = Field(
+        120.0, gt=0.0, description="Seconds the tuning search may take; base and pick are then measured again."
+    )
     fuzz: bool = Field(
         False,
         description="Triton: also send the bad-input corpus (30+ malformed requests per protocol); a crash fails a "
