@@ -214,12 +214,18 @@ def test_cli_package_writes_a_version_an_archive_and_manifests(in_tmp):
     onnx = export_tiny(in_tmp / "m.onnx")
     runner = CliRunner()
     for expected_version in ("1", "2"):
-        result = runner.invoke(app, ["package", str(onnx), "--name", "digits", "--torchserve", "--k8s"])
+        result = runner.invoke(app, ["package", str(onnx), "--name", "digits", "--torchserve"])
         assert result.exit_code == 0, result.output
         assert (in_tmp / "model_repo" / "digits" / expected_version / "model.onnx").is_file()
     config = (in_tmp / "model_repo" / "digits" / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and "EXECUTION_ENV_PATH" in config
     assert (in_tmp / "model_store" / "digits.mar").is_file()
+    portable = runner.invoke(app, ["package", str(onnx), "--name", "digits", "--k8s"])  # the image cannot run it
+    assert portable.exit_code == 2 and "--k8s serves the repository on the official Triton image" in portable.output
+    assert not (in_tmp / "k8s.yaml").exists() and not (in_tmp / "model_repo" / "digits" / "3").exists()
+    native = runner.invoke(app, ["package", str(onnx), "--name", "digits", "--flavour", "native", "--k8s"])
+    assert native.exit_code == 0, native.output
+    assert 'platform: "onnxruntime_onnx"' in (in_tmp / "model_repo" / "digits" / "config.pbtxt").read_text()
     assert "kind: HorizontalPodAutoscaler" in (in_tmp / "k8s.yaml").read_text()
     bad = runner.invoke(app, ["package", str(onnx), "--name", "../evil"])
     assert bad.exit_code == 2 and "not allowed" in bad.output

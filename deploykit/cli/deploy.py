@@ -68,15 +68,18 @@ def package(
 
     service = None
     if kserve:  # every KServe check before the repository is touched
-        from deploykit.package.kserve import kserve_inference_service, require_native
+        from deploykit.package.kserve import kserve_inference_service
 
         if not storage_uri:
             raise DeploykitError(
                 "--kserve needs --storage-uri: the gs://, s3://, pvc:// (or other) address the repository is "
                 "uploaded to."
             )
-        require_native(repo, name, flavour)
         service = kserve_inference_service(name, storage_uri, gpus=1 if gpu else 0)
+    if kserve or k8s:
+        from deploykit.package.k8s import require_native
+
+        require_native(repo, name, flavour, "--kserve" if kserve else "--k8s")
 
     if not model_file.is_file():
         raise DeploykitError(f"Model file {model_file} does not exist: export one with `deploykit optimize` first.")

@@ -20,6 +20,30 @@ _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _MAX_NAME = 63  # a Service name is a DNS-1035 label: at most 63 characters, starting with a letter
 
 
+_PORTABLE = re.compile(r'^backend: "python"$', re.M)  # how triton_repo's config.pbtxt marks the portable flavour
+
+
+def require_native(repo: Path, name: str, flavour: str, option: str) -> None:
+    """Refuse, before anything is written, a repository the official Triton image cannot load (the Dockerfile's
+    base, which the Deployment runs, and KServe's runtime): the portable flavour's python backend runs in an
+    environment on this machine (EXECUTION_ENV_PATH), which the image lacks. `option` names what asked for it."""
+    if flavour != "native":
+        raise DeploykitError(
+            f"{option} serves the repository on the official Triton image, which cannot run the portable "
+            "flavour: add --flavour native."
+        )
+    portable = [
+        config.parent.name
+        for config in sorted(Path(repo).glob("*/config.pbtxt"))
+        if config.parent.name != name and _PORTABLE.search(config.read_text(encoding="utf-8"))
+    ]
+    if portable:  # Triton stops when any model in the repository fails to load
+        raise DeploykitError(
+            f"Model {portable[0]!r} in {repo} is the portable flavour, which the official Triton image cannot load: "
+            "package it again with --flavour native, or use another --repo."
+        )
+
+
 def k8s_name(name: str, max_length: int = _MAX_NAME) -> str:
     """The Kubernetes object name for model `name`: 'triton-' + lowercase, '-' for '_' and '.'."""
     validate_model_name(name)

@@ -25,29 +25,6 @@ STORAGE_SCHEMES = ("gs", "s3", "pvc", "https", "http", "hdfs", "webhdfs", "oci",
 # KServe names the predictor's objects `<name>-predictor`, and Knative its first revision `<name>-predictor-00001`:
 # each must fit a 63-character label
 _MAX_NAME = 63 - len("-predictor-00001")
-_PORTABLE = re.compile(r'^backend: "python"$', re.M)  # how triton_repo's config.pbtxt marks the portable flavour
-
-
-def require_native(repo: Path, name: str, flavour: str) -> None:
-    """Refuse, before anything is written, a repository KServe's Triton image cannot load: the portable flavour's
-    python backend runs in an environment on this machine (EXECUTION_ENV_PATH), which the image lacks."""
-    if flavour != "native":
-        raise DeploykitError(
-            "--kserve serves the repository on KServe's official Triton image, which cannot run the portable "
-            "flavour: add --flavour native."
-        )
-    portable = [
-        config.parent.name
-        for config in sorted(Path(repo).glob("*/config.pbtxt"))
-        if config.parent.name != name and _PORTABLE.search(config.read_text(encoding="utf-8"))
-    ]
-    if portable:  # Triton on KServe stops when any model in the repository fails to load
-        raise DeploykitError(
-            f"Model {portable[0]!r} in {repo} is the portable flavour, which KServe's Triton image cannot load: "
-            "package it again with --flavour native, or use another --repo."
-        )
-
-
 def _check(storage_uri: str, min_replicas: int, max_replicas: int, gpus: int) -> None:
     if not re.fullmatch(rf"({'|'.join(STORAGE_SCHEMES)})://\S+", storage_uri):
         raise DeploykitError(
