@@ -214,7 +214,7 @@ class QuantizeStage(Stage):
         batches = _batches(bundle, cfg.calibration_samples, cfg.calibration_batch_size)
         methods = _AUTO_CALIBRATION if cfg.calibrate_method == "auto" else (cfg.calibrate_method,)
         trials: list[dict[str, Any]] = []
-        corrected: dict[str, int] = {}
+        corrected: dict[Path, int] = {}  # bias-corrected layers per candidate file, as last written
 
         def calibrated(
             method: str, source: Path, path: Path, excluded: list[str], on_batch: Callable[[], None]
@@ -232,7 +232,7 @@ class QuantizeStage(Stage):
                 on_batch=on_batch,
             )
             if cfg.bias_correction:
-                corrected["layers"] = correct_bias(source, path, batches)
+                corrected[path] = correct_bias(source, path, batches)
 
         def best() -> str:
             return max(trials, key=lambda t: t["accuracy"])["method"]  # the first of equals: the cheapest
@@ -252,7 +252,7 @@ class QuantizeStage(Stage):
                 calibrated(best(), source, path, excluded, on_batch)
 
         search, extra = self._search_onnx(ctx, fp32, scratch, quantize, batches, STATIC_OPS)
-        calibration = {"method": best(), "trials": trials, "bias_corrected_layers": corrected.get("layers", 0)}
+        calibration = {"method": best(), "trials": trials, "bias_corrected_layers": corrected.get(search.best.path, 0)}
         return search, {**extra, "calibration": calibration}
 
     def _dynamic(self, ctx: StageContext, fp32: _Fp32, scratch: Path) -> tuple[SearchResult, dict[str, Any]]:
