@@ -44,7 +44,7 @@ demo: setup
 # small one's output follows the big one's.
 test: setup
 	@log=$$(mktemp); $(BIN)/python -m pytest -q -p no:cacheprovider -m "openvino or side" > $$log 2>&1 & ov=$$!; \
-	$(BIN)/python -m pytest -q -m "not openvino and not side"; main=$$?; \
+	$(BIN)/python -m pytest -q --durations=15 -m "not openvino and not side"; main=$$?; \
 	wait $$ov; ovrc=$$?; echo "== OpenVINO and side tests (run alongside) =="; cat $$log; rm -f $$log; \
 	test $$main -eq 0 && test $$ovrc -eq 0
 
