@@ -140,6 +140,7 @@ def _train_only(tmp: Path, epochs: int, name: str) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.side  # 25-30 s each: `make test` runs them in the second process
 def test_sigkill_during_training_resumes_from_last_epoch(in_tmp):
     path = _train_only(in_tmp, epochs=4, name="small")
     proc = subprocess.Popen([sys.executable, "-m", "deploykit", "optimize", "-c", str(path), "-q"], cwd=in_tmp)
@@ -166,6 +167,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.side  # 25-30 s each: `make test` runs them in the second process
 def test_torchrun_two_processes_through_the_cli(in_tmp):
     path = _train_only(in_tmp, epochs=3, name="ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
