@@ -11,6 +11,7 @@ What it measures, each a median over `repeats` rounds with the servers' runs int
   5. the quickstart model at one client with perf_analyzer beside locust (the P50 overhead over in-process, and
      the CPU each client burns: on 2 cores the load generator competes with the server); beside it the floor no
      model can go under here: a null model (the same input and output, next to no compute) served the same way;
+     and at 8 clients, the CPU each request costs Triton, its python backend stubs and perf_analyzer;
   6. `deploykit tune` at 8 clients: the tuned config's throughput against the default config's, at its P95;
      beside it the ceiling no setting can pass here: the null model served and loaded the same way, whose
      throughput over the default config's bounds any tuned ratio.
@@ -26,19 +27,23 @@ import resource
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from sections import write_section
 
 from deploykit.bench.measure import measure
 from deploykit.export.parity import real_batches
 from deploykit.files import atomic_write_json
+from deploykit.loadtest.metrics import scrape, total
 from deploykit.loadtest.perf_analyzer import run_perf_analyzer, write_input_data
 from deploykit.loadtest.runner import run_locust
 from deploykit.loadtest.slo import get_slo, verdict
+from deploykit.loadtest.soak import server_pid
 from deploykit.machine import machine_info
 from deploykit.package.torchserve_archive import write_torchserve_archive
 from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
@@ -124,6 +129,24 @@ def pa_load(url: str, model: str, users: int, duration: float, inputs: Path, wor
     return {**level, "client_cores": (_children_cpu_s() - cpu) / (time.monotonic() - start)}
 
 
+def cpu_split(pid: int, metrics_url: str, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`'s result with the CPU milliseconds each request cost the Triton process (`pid`), its python backend
+    stubs (its child processes) and the load generator, from CPU times and Triton's own count of requests served."""
+
+    def spent() -> dict[str, float]:
+        root = psutil.Process(pid)
+        seconds = [sum(p.cpu_times()[:2]) for p in (root, *root.children(recursive=True))]
+        return {"triton": seconds[0], "stubs": sum(seconds[1:]), "client": _children_cpu_s()}
+
+    def served() -> float:
+        return total(scrape(metrics_url), "nv_inference_request_success", {"model": model})
+
+    cpu, count = spent(), served()
+    result = run()
+    after, requests = spent(), served() - count
+    return {**result, "cpu_ms_per_request": {k: (after[k] - cpu[k]) * 1000 / requests for k in cpu}}
+
+
 def median_of(rounds: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in rounds))
 
@@ -172,6 +195,8 @@ def main() -> None:
                 pa_one_user=pa_load(t_url, "qs_batched", 1, d, qs_inputs, work),
                 null_offline_p50_ms=measure(null_offline, qs_samples[:1], window_s=1.0).p50_ms,
                 pa_null_one_user=pa_load(t_url, "null_batched", 1, d, qs_inputs, work),
+                pa_8=cpu_split(server_pid(t_url), t_metrics, "qs_batched",
+                               lambda: pa_load(t_url, "qs_batched", 8, d, qs_inputs, work)),  # fmt: skip
                 batched_8=load(t_url, "qs_batched", 8, d, qs_npy, work, metrics_url=t_metrics),
                 unbatched_8=load(t_url, "qs_unbatched", 8, d, qs_npy, work, metrics_url=t_metrics),
                 r18_1=load(t_url, "r18", 1, d, r18_npy, work, metrics_url=t_metrics),
@@ -225,7 +250,11 @@ def summarize(rounds: list[dict[str, Any]], r18_mb: float) -> dict[str, Any]:
                      "pa_p50_ms": med("pa_one_user", "p50_ms"), "pa_gap_ms": med("pa_one_user", "p50_ms") - offline,
                      "locust_cores": med("one_user", "client_cores"), "pa_cores": med("pa_one_user", "client_cores"),
                      "locust_rps": med("one_user", "throughput_rps"), "pa_rps": med("pa_one_user", "throughput_rps"),
-                     "floor_ms": statistics.median(floors) if floors else None},
+                     "pa_gap_rounds": [r["pa_one_user"]["p50_ms"] - r["offline_p50_ms"] for r in rounds],
+                     "floor_ms": statistics.median(floors) if floors else None, "floor_rounds": floors},
+        "cpu_8": {"rps": med("pa_8", "throughput_rps"), "model_ms": offline,
+                  **{k: median_of([r["pa_8"]["cpu_ms_per_request"] for r in rounds], k)
+                     for k in ("triton", "stubs", "client")}} if all("pa_8" in r for r in rounds) else None,
         "batching": {"with_rps": med("batched_8", "throughput_rps"), "without_rps": med("unbatched_8", "throughput_rps"),
                      "ratio": med("batched_8", "throughput_rps") / med("unbatched_8", "throughput_rps"),
                      "round_ratios": [r["batched_8"]["throughput_rps"] / r["unbatched_8"]["throughput_rps"] for r in rounds],
@@ -246,6 +275,10 @@ def pooled(row: dict[str, Any], again: dict[str, Any] | None) -> dict[str, float
     """A tune row's throughput and P95 averaged with its second measurement, when it has one that ran."""
     runs = [x for x in (row, again) if x and x["throughput_rps"] is not None]
     return {k: statistics.mean(x[k] for x in runs) for k in ("throughput_rps", "p95_ms")}
+
+
+def _listed(values: list[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
 
 
 def met(ok: bool) -> str:
@@ -279,13 +312,23 @@ def markdown(r: dict[str, Any]) -> str:
         f"| quickstart INT8, 1 client, perf_analyzer: P50 overhead over in-process <= 0.5 ms | perf_analyzer P50 "
         f"{one['pa_p50_ms']:.3f} ms ({one['pa_rps']:.0f} req/s, client {one['pa_cores']:.2f} cores), locust "
         f"{one['served_p50_ms']:.3f} ms ({one['locust_rps']:.0f} req/s, client {one['locust_cores']:.2f} cores); "
-        f"overhead {one['pa_gap_ms']:.3f} ms | {met(one['pa_gap_ms'] <= 0.5)} |",
+        f"overhead {one['pa_gap_ms']:.3f} ms (rounds {_listed(one.get('pa_gap_rounds', []))}) | "
+        f"{met(one['pa_gap_ms'] <= 0.5)} |",
     ]
     if one.get("floor_ms") is not None:
         lines.append(
             f"| floor for any served P50 overhead: the null model served the same way, 1 client, perf_analyzer | "
-            f"overhead {one['floor_ms']:.3f} ms (its served P50 less its in-process P50) | "
-            f"{'0.5 ms reachable' if one['floor_ms'] <= 0.5 else '0.5 ms out of reach here'} |"
+            f"overhead {one['floor_ms']:.3f} ms (rounds {_listed(one['floor_rounds'])}; its served P50 less its "
+            f"in-process P50) | "
+            f"{'0.5 ms reachable' if one['floor_ms'] <= 0.5 else 'the median floor is over 0.5 ms here'} |"
+        )
+    if r.get("cpu_8"):
+        c = r["cpu_8"]
+        lines.append(
+            f"| where the CPU goes: quickstart INT8, 8 clients, perf_analyzer ({c['rps']:.0f} req/s) | per request: "
+            f"Triton {c['triton']:.3f} ms, its python backend stubs {c['stubs']:.3f} ms (the model alone runs in "
+            f"{c['model_ms']:.3f} ms in-process), perf_analyzer {c['client']:.3f} ms | serving costs "
+            f"{(c['triton'] + c['stubs'] - c['model_ms']) / c['model_ms']:.1f}x the model's own run |"
         )
     if "tune" in r:
         t = r["tune"]
