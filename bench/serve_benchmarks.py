@@ -342,7 +342,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"lower P95 | default {base['throughput_rps']:.0f} req/s P95 {base['p95_ms']:.2f} ms; tuned "
             f"({settings['instances']} instance(s) x {settings['threads']} thread(s), max batch "
             f"{settings['max_batch_size']}, dynamic batching {'on' if settings['dynamic_batching'] else 'off'}, delay "
-            f"{settings['max_queue_delay_us']} us) {best['throughput_rps']:.0f} req/s P95 {best['p95_ms']:.2f} ms = "
+            f"{settings['max_queue_delay_us']} us, preferred batch {settings.get('preferred_batch_sizes') or '-'}) "
+            f"{best['throughput_rps']:.0f} req/s P95 {best['p95_ms']:.2f} ms = "
             f"{t['throughput_vs_base']:.2f}x, of {len(t['tried'])} configs tried (both measured twice, in the search "
             f"and back to back after it; means) | {met(ok)} |"
         )

@@ -19,7 +19,11 @@ def test_candidates_start_with_the_base_share_the_cores_and_never_narrow_the_bat
     assert found[0] == base and len(found) == len({o.model_dump_json() for o in found})
     for o in found[1:]:
         assert o.threads in (2 // o.instances, 1) and o.max_batch_size in (8, 16)
-        assert o.dynamic_batching or o.max_queue_delay_us == 0
+        assert o.dynamic_batching or (o.max_queue_delay_us == 0 and o.preferred_batch_sizes == [])
+    # waiting for the batch each instance can expect: 16 clients fill 8 (max batch 8) or 16 on one, 8 on each of two
+    waiting = {(o.instances, o.max_batch_size, *o.preferred_batch_sizes) for o in found if o.preferred_batch_sizes}
+    assert waiting == {(1, 8, 8), (1, 16, 16), (2, 8, 8), (2, 16, 8)}
+    assert all(o.max_queue_delay_us == 500 for o in found if o.preferred_batch_sizes)
     assert {(o.instances, o.threads, o.max_batch_size, o.dynamic_batching) for o in found[1:]} == {
         (i, t, b, d) for i, t in ((1, 2), (1, 1), (2, 1)) for b in (8, 16) for d in (False, True)
     }

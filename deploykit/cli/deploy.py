@@ -347,6 +347,11 @@ def _soak(url: str, model: str, duration: str, users: int, engine: str, protocol
         raise typer.Exit(1)
 
 
+_TUNE_COLUMNS = (
+    "", "instances", "threads", "max batch", "batching", "delay us", "preferred", "P50 ms", "P95 ms", "req/s"
+)
+
+
 @app.command()
 @user_errors
 def tune(
@@ -383,12 +388,14 @@ def tune(
             samples=samples, budget_s=budget, reporter=reporter,
         )  # fmt: skip
     table = Table(title=f"deploykit tune: '{name}' at {concurrency} clients, P95 <= {target.max_latency_ms:g} ms")
-    for col in ("", "instances", "threads", "max batch", "delay us", "P50 ms", "P95 ms", "req/s"):
+    for col in _TUNE_COLUMNS:
         table.add_column(col, justify="right")
     for i, row in enumerate(result["tried"]):
         mark = "best" if i == result["best"] else ("base" if i == 0 else "")
         numbers = [f"{row[k]:.2f}" if row[k] is not None else "failed" for k in ("p50_ms", "p95_ms", "throughput_rps")]
-        settings = (row["instances"], row["threads"], row["max_batch_size"], row["max_queue_delay_us"])
+        batching = ["on" if row["dynamic_batching"] else "off", row["max_queue_delay_us"]]
+        preferred = ",".join(str(b) for b in row["preferred_batch_sizes"]) or "-"
+        settings = [row["instances"], row["threads"] or "auto", row["max_batch_size"], *batching, preferred]
         table.add_row(mark, *(str(v) for v in settings), *numbers)
     console.print(table)
     ratio = result["throughput_vs_base"]

@@ -1,4 +1,4 @@
-"""Triton settings tuned to the SLO by measurement (what Model Analyzer did): instances, batching, queue delay.
+"""Triton settings tuned to the SLO by measurement (what Model Analyzer did): instances, threads, batching.
 
 One Triton runs the model in explicit control mode; each candidate rewrites the model's config and reloads it,
 then perf_analyzer measures it at the target concurrency for a few seconds. The config kept is the one with the
@@ -20,12 +20,12 @@ from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
 from deploykit.progress import Reporter, silent
 from deploykit.serve.server import free_ports, make_server
 
-SEARCHED = ("instances", "max_batch_size", "dynamic_batching", "max_queue_delay_us", "threads")
+SEARCHED = ("instances", "threads", "max_batch_size", "dynamic_batching", "max_queue_delay_us", "preferred_batch_sizes")
 _QUEUE_DELAYS_US = (0, 500)
 
 
 def candidates(base: TritonModelOptions, cores: int, concurrency: int) -> list[TritonModelOptions]:
-    """The base config first (the baseline), then instances x threads x max batch x batching x queue delay: the
+    """The base config first (the baseline), then instances x threads x max batch x batching (`_batching`): the
     instances (powers of two up to the cores) share the cores, or each runs on one thread (a small model's
     per-request work gains nothing from a second thread, and its synchronisation costs: measured on the quickstart
     model at 8 clients on a 2-core AVX2 machine, 1 instance x 1 thread served 2,240-2,740 req/s, 1 instance x 2
@@ -33,22 +33,36 @@ def candidates(base: TritonModelOptions, cores: int, concurrency: int) -> list[T
 
     The max batch size is never lowered below the base's: Triton refuses a client's batch above it, so a smaller
     one would change what clients may send. A larger one is tried only when the clients can fill it (`concurrency`
-    batch-1 clients never queue more than that many requests). A delay only matters with dynamic batching on.
+    batch-1 clients never queue more than that many requests).
     """
     found = [base]
     batches = [b for b in (base.max_batch_size, 2 * base.max_batch_size) if b <= max(concurrency, base.max_batch_size)]
     counts = [1 << k for k in range(max(cores, 2).bit_length())]  # 1, 2, 4, ... up to the cores
     for instances, threads in dict.fromkeys((i, t) for i in counts for t in (max(1, cores // i), 1)):
         for batch in batches if base.max_batch_size else [0]:
-            for dynamic, delay in [(False, 0), *((True, d) for d in _QUEUE_DELAYS_US)] if batch else [(False, 0)]:
+            for dynamic, delay, preferred in _batching(batch, concurrency // instances):
                 changes = {"instances": instances, "threads": threads, "max_batch_size": batch,
-                           "dynamic_batching": dynamic, "max_queue_delay_us": delay}  # fmt: skip
+                           "dynamic_batching": dynamic, "max_queue_delay_us": delay,
+                           "preferred_batch_sizes": preferred}  # fmt: skip
                 found.append(base.model_copy(update=changes))
     unique: list[TritonModelOptions] = []
     for options in found:  # the base may equal a grid point: measure it once
         if options not in unique:
             unique.append(options)
     return unique
+
+
+def _batching(batch: int, per_instance: int) -> list[tuple[bool, int, list[int]]]:
+    """(dynamic batching, queue delay, preferred batch sizes) tried at max batch `batch`: off; on without waiting;
+    on waiting up to a delay; and on waiting that long for the batch each instance can expect (`per_instance`
+    clients), when that is 2 or more. Delays and preferred sizes only matter with dynamic batching on."""
+    if not batch:
+        return [(False, 0, [])]
+    tried = [(False, 0, []), *((True, delay, []) for delay in _QUEUE_DELAYS_US)]
+    expected = min(batch, per_instance)
+    if expected >= 2:
+        tried.append((True, max(_QUEUE_DELAYS_US), [expected]))
+    return tried
 
 
 def _row(options: TritonModelOptions, level: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
