@@ -40,7 +40,7 @@ from deploykit.bench.measure import measure
 from deploykit.export.parity import real_batches
 from deploykit.files import atomic_write_json
 from deploykit.loadtest.metrics import scrape, total
-from deploykit.loadtest.perf_analyzer import run_perf_analyzer, write_input_data
+from deploykit.loadtest.perf_analyzer import run_settled, write_input_data
 from deploykit.loadtest.runner import run_locust
 from deploykit.loadtest.slo import get_slo, verdict
 from deploykit.loadtest.soak import server_pid
@@ -124,8 +124,8 @@ def load(url: str, model: str, users: int, duration: float, samples: Path, work:
 def pa_load(url: str, model: str, users: int, duration: float, inputs: Path, work: Path) -> dict[str, Any]:
     cpu, start = _children_cpu_s(), time.monotonic()
     window_ms = int(duration * 1000 / 3)
-    level = run_perf_analyzer(url, model, concurrency=[users], out_dir=work / f"pa-{model}-{users}", input_data=inputs,
-                              measurement_interval_ms=window_ms, stability_percentage=25.0)[0]  # fmt: skip
+    level = run_settled(url, model, 25.0, concurrency=[users], out_dir=work / f"pa-{model}-{users}", input_data=inputs,
+                        measurement_interval_ms=window_ms)[0][0]  # twice the bound if 25% never settles  # fmt: skip
     return {**level, "client_cores": (_children_cpu_s() - cpu) / (time.monotonic() - start)}
 
 
