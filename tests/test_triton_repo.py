@@ -281,10 +281,14 @@ def test_run_requests_batches_valid_requests_in_one_call():
         np.testing.assert_array_equal(result["first"], feed["x"][:, 0, 0] * 2)
 
 
-def test_a_lone_request_gets_the_runtime_outputs_themselves():
-    outputs = [np.arange(3, dtype=np.float32)[None], np.zeros((1, 2), np.float32)]
-    results = tpm.run_requests(lambda feed: outputs, [{"x": np.ones((1, 4), np.float32)}], ["a", "b"], batched=True)
-    assert results[0]["a"] is outputs[0] and results[0]["b"] is outputs[1]  # no split, no copy on the hot path
+def test_outputs_are_handed_back_as_views_of_the_runtime_outputs():
+    outputs = [np.arange(6, dtype=np.float32).reshape(3, 2), np.zeros((3, 1), np.float32)]
+    feeds = [{"x": np.ones((n, 4), np.float32)} for n in (1, 2)]
+    results = tpm.run_requests(lambda feed: outputs, feeds, ["a", "b"], batched=True)
+    np.testing.assert_array_equal(results[0]["a"], [[0, 1]])
+    np.testing.assert_array_equal(results[1]["a"], [[2, 3], [4, 5]])
+    for result in results:  # no copy on the hot path
+        assert np.shares_memory(result["a"], outputs[0]) and np.shares_memory(result["b"], outputs[1])
 
 
 def test_run_requests_groups_shapes_and_isolates_failures():

@@ -103,10 +103,10 @@ def run_requests(
             for i in members:
                 results[i] = error
             continue
-        start = 0  # plain slices: np.split costs more than a small model's run
+        start = 0  # plain slices (views): np.split costs more than a small model's run
         for i, part in zip(members, parts):
             stop = start + len(next(iter(part.values())))
-            results[i] = {name: out if len(parts) == 1 else out[start:stop] for name, out in zip(output_names, outputs)}
+            results[i] = {name: out[start:stop] for name, out in zip(output_names, outputs)}
             start = stop
     return results
 

@@ -46,7 +46,7 @@ class DeployConfig(SLOSettings):
     )
     tune: bool = Field(
         False,
-        description="Triton: first search instances, max batch and queue delay (short perf_analyzer runs at the "
+        description="Triton: first search instances, threads and batching (short perf_analyzer runs at the "
         "highest users level) and serve the config with the most throughput whose P95 meets the SLO.",
     )
     tune_budget_s: float = Field(
