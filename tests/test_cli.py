@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from conftest import REPO
 from typer.testing import CliRunner
 
 from deploykit.cli import app
+from deploykit.serve.process import free_port
 
 runner = CliRunner()
 
@@ -160,17 +160,11 @@ def test_sigkill_during_training_resumes_from_last_epoch(in_tmp):
     assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".work/train-*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.side  # 25-30 s each: `make test` runs them in the second process
 def test_torchrun_two_processes_through_the_cli(in_tmp):
     path = _train_only(in_tmp, epochs=3, name="ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "deploykit", "train", "-c", str(path), "-q"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=300)

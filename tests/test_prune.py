@@ -31,7 +31,7 @@ from deploykit.pipeline.loader import parse_pipeline
 from deploykit.train import fit, load_model, save_model
 from deploykit.train.config import TrainConfig
 from deploykit.train.loop import evaluate
-from deploykit.zoo import count_macs, count_params, get_model
+from deploykit.zoo import build_model, count_macs, count_params
 
 SHAPE = (1, 1, 16, 16)
 RESNET = {"name": "resnet18", "num_classes": 10, "in_channels": 1, "options": {"stem": "cifar", "width_mult": 0.25}}
@@ -41,8 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch: dict, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"]).eval()
+    return build_model(arch, seed=seed).eval()
 
 
 def batches(n: int, size: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

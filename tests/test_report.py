@@ -181,10 +181,10 @@ class StubUntrained(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.train import save_model
-        from deploykit.zoo import get_model
+        from deploykit.zoo import build_model
 
         arch = ctx.arch()
-        model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"])
+        model = build_model(arch)
         save_model(model, arch, ctx.out_dir)
         return StageResult(artifacts={"checkpoint": "model.pt", "arch": "model.json"})
 

@@ -23,7 +23,7 @@ from deploykit.train.config import TrainConfig, TransferConfig
 from deploykit.train.diagnostics import TrainingDiverged, classify_curves
 from deploykit.train.optim import build_optimizer
 from deploykit.train.transfer import apply_transfer
-from deploykit.zoo import get_model
+from deploykit.zoo import build_model, get_model
 
 
 class TinyNet(nn.Module):
@@ -494,7 +494,7 @@ def test_fit_reports_the_curve_finding(tmp_path: Path) -> None:
 def test_save_and_load_model_round_trip(tmp_path: Path) -> None:
     arch = {"name": "resnet18", "num_classes": 10, "in_channels": 1, "options": {"stem": "cifar", "width_mult": 0.25}}
     torch.manual_seed(0)
-    model = get_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"]).eval()
+    model = build_model(arch).eval()
     paths = save_model(model, arch, tmp_path / "out")
     assert paths == {"checkpoint": tmp_path / "out" / "model.pt", "arch": tmp_path / "out" / "model.json"}
     state = torch.load(paths["checkpoint"], weights_only=True)

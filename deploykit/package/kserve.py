@@ -25,6 +25,8 @@ STORAGE_SCHEMES = ("gs", "s3", "pvc", "https", "http", "hdfs", "webhdfs", "oci",
 # KServe names the predictor's objects `<name>-predictor`, and Knative its first revision `<name>-predictor-00001`:
 # each must fit a 63-character label
 _MAX_NAME = 63 - len("-predictor-00001")
+
+
 def _check(storage_uri: str, min_replicas: int, max_replicas: int, gpus: int) -> None:
     if not re.fullmatch(rf"({'|'.join(STORAGE_SCHEMES)})://\S+", storage_uri):
         raise DeploykitError(
