@@ -23,11 +23,13 @@ from deploykit.files import atomic_write_json
 # A job is plain JSON so it crosses the process boundary unchanged:
 #   path, runtime (None: the file's default), batch_sizes, input_shape ([C, H, W]), threads,
 #   measure (keyword arguments of measure()),
-#   accuracy (bool), accuracy_limit, data (the pipeline's data section, to rebuild the validation split).
+#   accuracy (bool), accuracy_limit, data (the pipeline's data section, to rebuild the validation split),
+#   task (the pipeline's task settings: its metric).
 
 
-def bench_artifact(job: dict[str, Any], dataset: Any = None) -> dict[str, Any]:
-    """Open the artifact, measure each batch size, then (if asked) its top-1 accuracy on the validation split."""
+def bench_artifact(job: dict[str, Any], bundle: Any = None) -> dict[str, Any]:
+    """Open the artifact, measure each batch size, then (if asked) the pipeline's metric on the validation split
+    (of `bundle`, a DataBundle with its task, or else rebuilt from the job)."""
     from deploykit.runtime import evaluate_accuracy, open_artifact
 
     baseline_rss = current_rss_mb()
@@ -38,12 +40,14 @@ def bench_artifact(job: dict[str, Any], dataset: Any = None) -> dict[str, Any]:
     peak = peak_rss_mb()  # before the accuracy pass, whose batch size is not one that was measured
     accuracy = None
     if job["accuracy"]:
-        if dataset is None:
+        if bundle is None:
             from deploykit.data import build_datasets
             from deploykit.data.config import DataConfig
+            from deploykit.sources.task import build_task
 
-            dataset = build_datasets(DataConfig.model_validate(job["data"])).val
-        accuracy = evaluate_accuracy(session, dataset, limit=job["accuracy_limit"])
+            bundle = build_datasets(DataConfig.model_validate(job["data"]))
+            bundle.task = build_task(job.get("task") or {})
+        accuracy = evaluate_accuracy(session, bundle.val, limit=job["accuracy_limit"], task=bundle.task)
     return {
         "runtime": getattr(session, "name", None),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

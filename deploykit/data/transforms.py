@@ -1,6 +1,7 @@
 """Image transforms: resize, normalisation, training augmentations (crop, flip, CutOut) and batch-level MixUp.
 
 Per-item images are [C, H, W] tensors: uint8 sources hold [0, 255], float sources are used as they are.
+Normalisation and its statistics take any per-sample shape whose dim 0 is the channel ([C], [C, L], [C, D, H, W]).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def resize(images: Tensor, size: int) -> Tensor:
 def channel_stats(
     images: Sequence[Tensor], indices: Sequence[int], max_samples: int | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std over images[indices]; with max_samples, over an evenly spaced subset."""
+    """Per-channel (dim 0) mean and std over images[indices]; with max_samples, over an evenly spaced subset."""
     if max_samples is not None and len(indices) > max_samples:
         indices = [indices[k] for k in np.linspace(0, len(indices) - 1, max_samples).round().astype(int)]
     total = squares = None
@@ -38,7 +39,9 @@ def channel_stats(
     for i in indices:
         # float64 sums: float32 loses digits over millions of pixels.
         x = to_float(images[i]).double()
-        s, q = x.sum(dim=(1, 2)), x.square().sum(dim=(1, 2))
+        x = x.unsqueeze(-1) if x.ndim == 1 else x  # [C] samples: one value per channel (sum(dim=()) sums all)
+        dims = tuple(range(1, x.ndim))
+        s, q = x.sum(dim=dims), x.square().sum(dim=dims)
         total, squares = (s, q) if total is None else (total + s, squares + q)
         pixels += x[0].numel()
     mean = total / pixels
@@ -48,14 +51,15 @@ def channel_stats(
 
 
 class Normalize:
-    """(x - mean) / std per channel; always returns a new tensor."""
+    """(x - mean) / std per channel (dim 0 of a sample of any rank); always returns a new tensor."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
 
     def __call__(self, image: Tensor) -> Tensor:
-        return (image - self.mean) / self.std
+        shape = (-1,) + (1,) * (image.ndim - 1)
+        return (image - self.mean.view(shape)) / self.std.view(shape)
 
 
 def random_crop(image: Tensor, padding: int, generator: torch.Generator) -> Tensor:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,13 @@ def quantize_nncf(
     preset: str = "performance",
     validation: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     max_drop: float | None = None,
+    task: dict[str, Any] | None = None,
 ) -> Path:
     """ONNX -> INT8 IR with NNCF PTQ on real calibration batches.
 
-    With `validation` (batches of (x, labels)) and `max_drop` (top-1 points), NNCF's accuracy-controlled
-    quantization reverts the layers that cost the most accuracy until the drop is within `max_drop`.
+    With `validation` (batches of (x, targets)) and `max_drop` (points), NNCF's accuracy-controlled quantization
+    reverts the layers that cost the most accuracy until the pipeline's metric (`task`, the settings of
+    `sources.task.build_task`; top-1 without one) drops by at most `max_drop`.
 
     NNCF runs in a child process: even for an OpenVINO model it loads its torch function hooks (nncf.torch) into
     the process that calls it, where deploykit's own torch work (export, training, serving checks) goes on; the
@@ -81,7 +84,7 @@ def quantize_nncf(
         raise DeploykitError("Accuracy-controlled quantization needs max_drop: set max_accuracy_drop.")
     spawn = multiprocessing.get_context("spawn")  # a fork would carry this process's threads and state along
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        job = pool.submit(_quantize_here, onnx_path, xml, list(calibration), preset, validation, max_drop)
+        job = pool.submit(_quantize_here, onnx_path, xml, list(calibration), preset, validation, max_drop, task)
         return job.result()
 
 
@@ -92,6 +95,7 @@ def _quantize_here(
     preset: str,
     validation: Sequence[tuple[np.ndarray, np.ndarray]] | None,
     max_drop: float | None,
+    task: dict[str, Any] | None,
 ) -> Path:
     import nncf
 
@@ -108,7 +112,7 @@ def _quantize_here(
             model,
             data,
             nncf.Dataset(list(validation)),
-            _top1_validation,
+            partial(_validation, task=task or {}),
             max_drop=max_drop / 100.0,
             drop_type=nncf.DropType.ABSOLUTE,
             **kwargs,
@@ -116,15 +120,15 @@ def _quantize_here(
     return _save_ir(quantized, xml)
 
 
-def _top1_validation(compiled: Any, batches: Any) -> float:
-    """NNCF's validation_fn: top-1 accuracy of a compiled model over (x, labels) batches."""
+def _validation(compiled: Any, batches: Any, task: dict[str, Any]) -> float:
+    """NNCF's validation_fn: the pipeline's metric of a compiled model over (x, targets) batches."""
+    from deploykit.sources.task import build_task
+
     output = compiled.output(0)
-    correct = total = 0
-    for x, labels in batches:
-        logits = compiled(x)[output]
-        correct += int((np.asarray(logits).argmax(axis=1) == labels).sum())
-        total += len(labels)
-    return correct / max(total, 1)
+    metric = build_task(task).accumulator()
+    for x, targets in batches:
+        metric.update(np.asarray(compiled(x)[output]), targets)
+    return metric.value()
 
 
 _SCRIPT = '''\

@@ -136,13 +136,13 @@ def write_reproduce_script(
     `checkpoint_rel` is model.pt relative to `path`'s folder; the model.json describing `arch` must sit beside it.
     """
     import deploykit
+    from deploykit.sources.model import describe_arch
 
     path = Path(path)
     script = path.parent / REPRODUCE_SCRIPT
-    arguments = {"num_classes": arch["num_classes"], "in_channels": arch["in_channels"], **arch.get("options", {})}
     text = _SCRIPT.format(
         onnx_name=path.name,
-        description=f"{arch['name']}({', '.join(f'{k}={v!r}' for k, v in arguments.items())})",
+        description=describe_arch(arch),
         checkpoint_dir=Path(checkpoint_rel).parent.as_posix(),
         deploykit=deploykit.__version__,
         torch=torch.__version__,

@@ -358,9 +358,17 @@ def _native_platform(suffix: str, runtime: str) -> str:
 
 
 def write_triton_model(
-    repo: Path, name: str, model_file: Path, options: TritonModelOptions, version: int | None = None
+    repo: Path,
+    name: str,
+    model_file: Path,
+    options: TritonModelOptions,
+    version: int | None = None,
+    notes: str | None = None,
 ) -> Path:
-    """Add `model_file` as a new version of model `name` in Triton repository `repo`; return the version folder."""
+    """Add `model_file` as a new version of model `name` in Triton repository `repo`; return the version folder.
+
+    `notes` (markdown for the model's clients: its preprocessing) go to README.md beside config.pbtxt, which Triton
+    ignores."""
     validate_model_name(name)
     repo, model_file = Path(repo), Path(model_file)
     suffix = model_file.suffix.lower()
@@ -409,4 +417,6 @@ def write_triton_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     atomic_write_text(model_dir / "config.pbtxt", config)
+    if notes is not None:
+        atomic_write_text(model_dir / "README.md", notes)
     return target

@@ -8,10 +8,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from deploykit.data.config import DataConfig
-from deploykit.zoo.config import ModelConfig
+from deploykit.sources.model import ModelSource, ZooSource
+from deploykit.sources.task import TaskSettings
+from deploykit.usercode import OBJECT_PREFIX
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -23,13 +25,17 @@ def check_safe_name(value: str, what: str) -> str:
     return value
 
 
-class PipelineBase(BaseModel):
+class PipelineBase(TaskSettings):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., description="Run name; outputs go to <runs_dir>/<name>/.")
     description: str = Field("", description="Free text shown in the report.")
     runs_dir: Path = Field(Path("runs"), description="Where runs are written (relative to the working directory).")
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelSource = Field(
+        default_factory=ZooSource,
+        description="The model: {name: resnet18, options} from the zoo, {factory: my_models.py:build, kwargs} your "
+        "own PyTorch code, or {onnx: model.onnx} a file exported elsewhere.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -56,15 +62,46 @@ class PipelineBase(BaseModel):
                 raise ValueError("data.root is required for the imagefolder dataset")
             if not self.data.root.is_dir():
                 raise ValueError(f"data.root {str(self.data.root)!r} is not a directory with one sub-folder per class")
+        self.check_task()
+        if self.task != "classification" and self.data.augment.mixup_alpha:
+            raise ValueError(
+                "data.augment.mixup_alpha mixes class labels: set it to 0 for a task that is not classification"
+            )
         _check_model(self.model, self.data)
         return self
 
+    def in_process_objects(self) -> bool:
+        """True when a model, data, metric or loss was handed to deploykit.optimize as a Python object: other
+        processes (isolated benchmark workers) cannot rebuild it."""
+        refs = [
+            getattr(self.model, "factory", ""),
+            self.data.factory or "",
+            self.metric.function if self.metric else "",
+            self.loss or "",
+        ]
+        return any(ref.startswith(OBJECT_PREFIX) for ref in refs)
 
-def _check_model(model: ModelConfig, data: DataConfig) -> None:
-    """Build the model on the meta device: a bad name or option fails now, in microseconds."""
-    import torch
+    def key(self) -> dict:
+        """The pipeline's part of every stage key: data, model and (when not the default) the task."""
+        return {"data": self.data.key(), "model": self.model.key(), **self.task_key()}
 
-    from deploykit.zoo import get_model
 
-    with torch.device("meta"):
-        get_model(model.name, model.num_classes or data.num_classes, model.in_channels or data.channels, **model.options)
+def _check_model(model: ModelSource, data: DataConfig) -> None:
+    """Fail now, not hours in: a zoo model is built on the meta device (microseconds), a factory imported (not
+    called: that needs the data's shapes, checked when a stage first builds the model), an ONNX file inspected."""
+    if model.kind == "zoo":
+        import torch
+
+        from deploykit.zoo import get_model
+
+        with torch.device("meta"):
+            classes, channels = model.num_classes or data.num_classes, model.in_channels or data.channels
+            get_model(model.name, classes, channels, **model.options)
+    elif model.kind == "factory":
+        from deploykit.usercode import load_callable
+
+        load_callable(model.factory, "model.factory")
+    elif model.kind == "onnx":
+        from deploykit.export.onnx_import import inspect_onnx
+
+        inspect_onnx(model.onnx, model.input_layout)

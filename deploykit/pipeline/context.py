@@ -10,6 +10,8 @@ from deploykit.artifacts import ArtifactRef, ModelStats, StageRecord, require
 from deploykit.progress import Reporter
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from deploykit.data import DataBundle
     from deploykit.pipeline.config import PipelineBase
 
@@ -33,19 +35,38 @@ class StageContext:
         return next(r for r in self.upstream if r.name == ref.stage).stats(ref.role)
 
     def data(self) -> DataBundle:
-        """The pipeline's dataset, built once per run."""
+        """The pipeline's dataset with its task (metric and loss), built once per run."""
         if "bundle" not in self._data:
             from deploykit.data import build_datasets
+            from deploykit.sources.task import build_task
 
-            self._data["bundle"] = build_datasets(self.pipeline.data)
+            bundle = build_datasets(self.pipeline.data)
+            bundle.task = build_task(self.pipeline)
+            self._data["bundle"] = bundle
         return self._data["bundle"]
 
     def arch(self) -> dict[str, Any]:
-        """The pipeline's model as a rebuildable description, with dataset defaults filled in."""
-        m = self.pipeline.model
-        return {
-            "name": m.name,
-            "num_classes": m.num_classes or self.data().num_classes,
-            "in_channels": m.in_channels or self.data().in_channels,
-            "options": dict(m.options),
-        }
+        """The pipeline's model as a rebuildable description (zoo: with the dataset's classes and channels)."""
+        bundle = self.data()
+        return self.pipeline.model.arch(bundle.num_classes, bundle.in_channels)
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape, channels first. deploykit's own image datasets say it without being built (a latency
+        pipeline on 224 px synthetic data never generates a sample it does not need); a user's data must be read."""
+        data = self.pipeline.data
+        if data.dataset in ("digits", "shapes", "imagefolder", "synthetic"):
+            channels = getattr(self.pipeline.model, "in_channels", None) or data.channels
+            return (channels, data.image_size, data.image_size)
+        return tuple(self.data().input_shape)
+
+    def new_model(self, seed: int | None) -> nn.Module:
+        """A freshly initialised model of the pipeline's source. The first one in a run must map a batch of the
+        dataset's inputs to a batch of outputs, so a user model that does not fit the data fails here, not mid-epoch."""
+        from deploykit.data import sample_batch
+        from deploykit.sources.model import build_model, check_forward
+
+        model = build_model(self.arch(), seed)
+        if not self._data.get("model_checked"):
+            check_forward(model, sample_batch(self.data(), 2, "train")[0], self.pipeline.model.label())
+            self._data["model_checked"] = True
+        return model

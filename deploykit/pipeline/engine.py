@@ -116,8 +116,22 @@ class _RunLock:
             os.close(self._fd)
 
 
+SOURCE_STAGE = "source"
+
+
+def stage_list(cfg: PipelineBase) -> list[Any]:
+    """The stages a run goes through: the file's, after an `import_onnx` stage named 'source' when the model is an
+    ONNX file the file does not import itself (it writes the canonical ONNX every later stage reads)."""
+    from deploykit.pipeline.loader import stage_entries
+
+    entries = list(cfg.stages)  # type: ignore[attr-defined]
+    if not cfg.model.torch and not any(e.stage == "import_onnx" for e in entries):
+        entries.insert(0, stage_entries()["import_onnx"].model_validate({"stage": "import_onnx", "name": SOURCE_STAGE}))
+    return entries
+
+
 def _check_names(cfg: PipelineBase, names: Iterable[str], flag: str) -> None:
-    known = [s.stage_name for s in cfg.stages]  # type: ignore[attr-defined]
+    known = [s.stage_name for s in stage_list(cfg)]
     for name in names:
         if name not in known:
             raise DeploykitError(f"{flag} {name!r} is not a stage of pipeline '{cfg.name}': choose one of {', '.join(known)}.")
@@ -188,8 +202,7 @@ def _stage_key(cfg: PipelineBase, entry: Any, settings: Any, upstream: list[Stag
             "format": META_FORMAT,
             "stage": entry.stage,
             "settings": settings.model_dump(mode="json"),
-            "data": cfg.data.model_dump(mode="json"),
-            "model": cfg.model.model_dump(mode="json"),
+            **cfg.key(),  # data, model and (when not the default) task; the user's files enter by their hashes
             "inputs": {r.name: r.meta["output_hash"] for r in upstream},
         }
     )
@@ -202,7 +215,7 @@ def _run_stages(
     outcomes: list[StageOutcome] = []
     shared: dict[str, Any] = {}
     forcing = False
-    entries = list(cfg.stages)  # type: ignore[attr-defined]
+    entries = stage_list(cfg)
     if until:
         entries = entries[: [e.stage_name for e in entries].index(until) + 1]
     with reporter.task("pipeline", total=len(entries)) as bar:
@@ -278,6 +291,8 @@ def _run_one(
             "versions": versions(),
             "machine": machine_info(),
         }
+        if result.models and "bundle" in shared:  # what a client must do to inputs, beside every model
+            meta["preprocessing"] = shared["bundle"].preprocessing()
         atomic_write_json(tmp / "meta.json", meta)
         _swap_into_place(tmp, run_dir / name)
         shutil.rmtree(work, ignore_errors=True)

@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from deploykit.errors import DeploykitError
 from deploykit.pipeline.config import PipelineBase, check_safe_name
 from deploykit.pipeline.registry import METHOD, Stage, by_method, method_variants, stage_types
+from deploykit.sources.model import SOURCE_TAGS, FactorySource, OnnxSource, ZooSource
+
+_SOURCES = {"zoo": ZooSource, "factory": FactorySource, "onnx": OnnxSource}
 
 
 class StageEntry(BaseModel):
@@ -153,8 +156,11 @@ def _split(loc: tuple) -> tuple[tuple[str, ...], tuple]:
     """The tags in a pydantic error location, and the location in the file.
 
     pydantic puts the stage type, and for a stage with methods the method, right after the list index
-    (stages, 4, quantize, dynamic, percentile); the file has no such levels.
+    (stages, 4, quantize, dynamic, percentile), and the model source's kind after `model` (model, factory,
+    kwargs); the file has no such levels.
     """
+    if len(loc) >= 2 and loc[0] == "model" and loc[1] in SOURCE_TAGS:
+        return (), loc[:1] + loc[2:]
     if len(loc) < 3 or loc[0] != "stages" or loc[2] not in stage_entries():
         return (), loc
     n = 2 if len(loc) > 3 and method_variants(stage_entries()[loc[2]]) else 1
@@ -176,6 +182,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     if tags:
         entry = stage_entries()[tags[0]]
         model, parts = (method_variants(entry)[tags[1]] if len(tags) > 1 else entry), parts[2:]
+    if loc[:1] == ("model",) and len(loc) > 2 and loc[1] in SOURCE_TAGS:  # the source the file chose
+        model, parts = _SOURCES[loc[1]], loc[2:-1]
     for part in parts:
         if isinstance(part, int):
             continue
@@ -246,12 +254,28 @@ def _unknown_method(path: tuple, stage: str, given: Any) -> str:
     return f"{_format_loc(path + (METHOD,))}: unknown method {shown} for stage {stage}; {_hint(given, known)}"
 
 
-def parse_pipeline(raw: Any, source: str = "<pipeline>", lines: dict[tuple, int] | None = None) -> PipelineBase:
-    """Validate a parsed pipeline; raise DeploykitError with the first problem as one sentence."""
+def _check_stages_fit_source(cfg: PipelineBase, source: str, lines: dict[tuple, int]) -> None:
+    """A stage that needs a PyTorch model cannot follow an ONNX source: refused before any work."""
+    if cfg.model.torch:
+        return
+    for i, entry in enumerate(cfg.stages):  # type: ignore[attr-defined]
+        if stage_types()[entry.stage](entry.settings()).needs_torch_model():
+            line = lines.get(("stages", i))
+            raise DeploykitError(
+                f"{source}:{line}: stages[{i}]: stage {entry.stage_name!r} needs a PyTorch model, but the model is the ONNX file "
+                f"{cfg.model.onnx.name}: remove the stage, or give model: factory (your PyTorch code) instead."
+            )
+
+
+def parse_pipeline(
+    raw: Any, source: str = "<pipeline>", lines: dict[tuple, int] | None = None, base_dir: Path | None = None
+) -> PipelineBase:
+    """Validate a parsed pipeline; raise DeploykitError with the first problem as one sentence. Relative paths to
+    the user's files (model factory, ONNX file, data, metric, loss) start at `base_dir` (default: the cwd)."""
     if not isinstance(raw, dict):
         raise DeploykitError(f"{source}: a pipeline file must be a mapping with name, data, model and stages.")
     try:
-        return pipeline_model().model_validate(raw)
+        cfg = pipeline_model().model_validate(raw, context={"base_dir": base_dir or Path.cwd()})
     except ValidationError as e:
         # A misspelt key also makes the right one "missing": report the misspelling, it explains both.
         err = sorted(e.errors(), key=lambda x: x["type"] not in ("extra_forbidden", "union_tag_invalid"))[0]
@@ -263,8 +287,11 @@ def parse_pipeline(raw: Any, source: str = "<pipeline>", lines: dict[tuple, int]
     except DeploykitError as e:  # a bad model name or option, found while checking the model
         lines = lines or {}
         named = [k for k in lines if len(k) == 3 and k[:2] == ("model", "options") and f"'{k[2]}'" in str(e)]
-        line = lines.get(named[0] if named else ("model", "name"))
+        key = next((("model", k) for k in ("factory", "onnx") if ("model", k) in lines), ("model", "name"))
+        line = lines.get(named[0] if named else key)
         raise DeploykitError(f"{source}:{line}: {e}" if line else f"{source}: {e}") from None
+    _check_stages_fit_source(cfg, source, lines or {})
+    return cfg
 
 
 def load_pipeline(path: str | Path) -> PipelineBase:
@@ -273,4 +300,4 @@ def load_pipeline(path: str | Path) -> PipelineBase:
     if not path.is_file():
         raise DeploykitError(f"Pipeline file '{path}' does not exist: pass the path of a YAML file, e.g. pipelines/quickstart.yaml.")
     raw, lines = _load_yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
-    return parse_pipeline(raw, str(path), lines)
+    return parse_pipeline(raw, str(path), lines, base_dir=path.resolve().parent)

@@ -37,6 +37,10 @@ class Stage(ABC):
     def __init__(self, config: BaseModel) -> None:
         self.config = config
 
+    def needs_torch_model(self) -> bool:
+        """True when the stage cannot run without a PyTorch model (so not after `model: {onnx: ...}`)."""
+        return False
+
     @abstractmethod
     def run(self, ctx: StageContext) -> StageResult:
         """Do the work, writing artifacts under `ctx.out_dir`."""

@@ -42,6 +42,9 @@ class ReportInput:
     slo: SLO
     latency_batch: int
     latency_percentile: str
+    metric_name: str = "top-1"  # the pipeline's metric: what the Accuracy column and the budgets measure
+    model: str = ""  # where the model came from: a zoo name, the user's factory, an ONNX file
+    preprocessing: dict[str, Any] | None = None  # what a client must do to inputs (DataBundle.preprocessing)
 
 
 def _metrics(record: StageRecord) -> dict[str, Any]:
@@ -91,14 +94,15 @@ def artifact_rows(
     return rows
 
 
-def _artifact_table(rows: list[dict[str, Any]], latency_batch: int, big: int | None) -> Table:
+def _artifact_table(rows: list[dict[str, Any]], latency_batch: int, big: int | None, metric: str) -> Table:
     def cell(row: dict[str, Any], key: str, show: Callable[[float], str]) -> str:
         if row[key] is not None:
             return show(row[key]) + ("" if row["stable"] else " *")
         return f.NA if row["status"] == "benchmarked" else row["status"]  # n/a: measured, but not at this batch
 
     b = f"batch {latency_batch}"
-    headers = ["Artifact", "Format", "Accuracy", "Params", "MACs", "Size (MB)"]
+    accuracy = "Accuracy" if metric == "top-1" else f"{metric} (%)"
+    headers = ["Artifact", "Format", accuracy, "Params", "MACs", "Size (MB)"]
     headers += [f"P50 ms ({b})", f"P95 ms ({b})", f"P99 ms ({b})", f"Throughput /s (batch {big or 'n/a'})", "Speedup"]
     return Table(
         headers,
@@ -468,6 +472,14 @@ def _pareto_blocks(points: list[TradeoffPoint]) -> list[Block]:
     ]
 
 
+def _source_blocks(inp: ReportInput) -> list[Block]:
+    """The model's source, the metric every model is judged by, and the preprocessing its clients must apply."""
+    lines = [f"Model: {inp.model}." if inp.model else None, f"Metric: {inp.metric_name} (higher is better)."]
+    if inp.preprocessing:
+        lines += [f"Preprocessing, {k}: {v}." for k, v in inp.preprocessing.items()]
+    return [Heading("Model, metric and preprocessing"), Bullets([line for line in lines if line])]
+
+
 def build(
     inp: ReportInput, rows: list[dict[str, Any]], curves_drawn: bool, tradeoff_drawn: bool
 ) -> tuple[list[Block], dict[str, Any]]:
@@ -488,7 +500,8 @@ def build(
     blocks += [
         _run_info(inp),
         Heading("Artifacts"),
-        _artifact_table(rows, inp.latency_batch, big),
+        _artifact_table(rows, inp.latency_batch, big, inp.metric_name),
+        *_source_blocks(inp),
         Heading("Stages"),
         _stages_table(inp.upstream),
         Heading("Training curves"),

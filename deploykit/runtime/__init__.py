@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from deploykit.runtime.ort_rt import onnx_precision, ort_session
 from deploykit.runtime.ov_rt import IR_SUFFIX, ov_session
 from deploykit.runtime.torch_rt import torch_session
 from deploykit.runtime.trt_rt import engine_metadata_path, trt_session
+
+if TYPE_CHECKING:
+    from deploykit.sources.task import Task
 
 __all__ = [
     "NO_GPU",
@@ -62,20 +66,27 @@ def open_artifact(path: Path, threads: int | None = None, runtime: str | None = 
     )
 
 
-def _labelled_batches(dataset: Dataset, batch_size: int, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    # A DataBundle split augments in __getitem__ (train split); item(k, augment=False) is the clean sample.
-    get = (lambda k: dataset.item(k, augment=False)) if hasattr(dataset, "item") else dataset.__getitem__
+def _labelled_batches(dataset: Dataset, batch_size: int, n: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    from deploykit.data import plain_item
+
     for start in range(0, n, batch_size):
-        items = [get(k) for k in range(start, min(start + batch_size, n))]
-        yield torch.stack([x for x, _ in items]).numpy(), np.array([int(y) for _, y in items])
+        items = [plain_item(dataset, k, augment=False) for k in range(start, min(start + batch_size, n))]
+        yield torch.stack([x for x, _ in items]).numpy(), torch.stack([torch.as_tensor(y) for _, y in items])
 
 
-def evaluate_accuracy(session: Session, dataset: Dataset, batch_size: int = 64, limit: int | None = None) -> float:
-    """Top-1 accuracy of `session` over the first `limit` (default: all) samples of a dataset split."""
+def evaluate_accuracy(
+    session: Session, dataset: Dataset, batch_size: int = 64, limit: int | None = None, task: Task | None = None
+) -> float:
+    """The pipeline's metric (`task`'s; top-1 without one) of `session` over the first `limit` (default: all)
+    samples of a dataset split."""
+    from deploykit.sources.task import Task
+
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n < 1:
         raise DeploykitError(
             "Cannot measure accuracy on an empty dataset: use a split with samples and a limit of at least 1."
         )
-    correct = sum(int((session.run(x).argmax(axis=1) == y).sum()) for x, y in _labelled_batches(dataset, batch_size, n))
-    return correct / n
+    metric = (task or Task("classification", "top-1")).accumulator()
+    for x, y in _labelled_batches(dataset, batch_size, n):
+        metric.update(session.run(x), y)
+    return metric.value()

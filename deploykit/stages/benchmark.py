@@ -91,8 +91,7 @@ class BenchmarkStage(Stage):
                 f"Stage '{ctx.name}' found no model artifact ({', '.join(cfg.include or MODEL_ROLES)}) upstream: "
                 "add a train or export stage before it."
             )
-        data = ctx.pipeline.data
-        shape = (ctx.pipeline.model.in_channels or data.channels, data.image_size, data.image_size)
+        shape = ctx.input_shape()
         reasons = {t.key: unavailable_reason(t) for t in targets}
         skipped = [{**t.describe(), "reason": reasons[t.key]} for t in targets if reasons[t.key]]
         runnable = [t for t in targets if not reasons[t.key]]
@@ -101,7 +100,7 @@ class BenchmarkStage(Stage):
 
         machine, threads = machine_info(), cfg.threads or os.cpu_count() or 1
         results = self._run_rounds(ctx, runnable, shape, threads)
-        rows = _rows(runnable, results, cfg.batch_sizes, cfg.isolate)
+        rows = _rows(runnable, results, cfg.batch_sizes, self._isolate(ctx))
         baseline = next((t for t in runnable if t.role == "checkpoint"), None)  # the trained FP32 model
         _add_speedups(rows, baseline)
         selection = select_fastest(rows, cfg.select_batch, cfg.max_accuracy_drop) if cfg.select else None
@@ -162,11 +161,12 @@ class BenchmarkStage(Stage):
                         "accuracy": accuracy,
                         "accuracy_limit": cfg.accuracy_limit,
                         "data": ctx.pipeline.data.model_dump(mode="json"),
+                        "task": ctx.pipeline.task_json(),
                     }
-                    if cfg.isolate:
+                    if self._isolate(ctx):
                         result = bench_isolated(job, cfg.timeout_s, cfg.omp_wait_policy)
                     else:
-                        result = bench_artifact(job, ctx.data().val if accuracy else None)
+                        result = bench_artifact(job, ctx.data() if accuracy else None)
                     results[target.key].append(result)
                     first = result["measurements"][0]
                     ctx.reporter.log(
@@ -175,6 +175,12 @@ class BenchmarkStage(Stage):
                     )
                     bar.advance()
         return results
+
+
+    def _isolate(self, ctx: StageContext) -> bool:
+        """Worker processes cannot rebuild a model, data or metric handed over as a Python object (deploykit.optimize):
+        then every artifact is measured in this process."""
+        return self.config.isolate and not ctx.pipeline.in_process_objects()
 
 
 def _pick(selection: dict[str, Any]) -> Pick:

@@ -75,6 +75,14 @@ class DeployConfig(SLOSettings):
     def _safe_name(cls, v: str | None) -> str | None:
         return None if v is None else validate_model_name(v)
 
+    @field_validator("duration_s")
+    @classmethod
+    def _room_after_warmup(cls, v: float) -> float:
+        # the load test leaves its first second out (connections opening) and needs a second of measurement after
+        if 0 < v < 2:
+            raise ValueError("the load test needs 2 s or more (its first second is warm-up); use 0 to skip it")
+        return v
+
 
 def _to_serve(ctx: StageContext, source: str, engine: str) -> ArtifactRef:
     """The model to serve: the role asked for, else the run's one deployable model (ONNX, or an OpenVINO IR)."""
@@ -88,6 +96,15 @@ def _to_serve(ctx: StageContext, source: str, engine: str) -> ArtifactRef:
             "add an export stage before it."
         )
     return ref
+
+
+def client_notes(name: str, label: str, preprocessing: dict[str, Any]) -> str:
+    """The served model's README: what its input must look like, since the preprocessing is the pipeline's own."""
+    rows = "\n".join(f"- {k}: {v}" for k, v in preprocessing.items())
+    return (
+        f"# {name}\n\nServed by deploykit from {label}. Input tensor `input`, output `logits` (the model's first "
+        f"output).\n\n## Preprocessing a client must apply\n\n{rows}\n"
+    )
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -205,12 +222,16 @@ class DeployStage(Stage):
             options = cfg.triton.model_copy(update={"runtime": ref.runs_on})  # the runtime the benchmark chose it on
             if options.flavour == "portable" and options.execution_env is None and install.python_env:
                 options = options.model_copy(update={"execution_env": str(install.python_env)})
-            artifacts = {"triton_config": f"model_repo/{name}/config.pbtxt"}
+            artifacts = {
+                "triton_config": f"model_repo/{name}/config.pbtxt",
+                "client_notes": f"model_repo/{name}/README.md",
+            }
             if cfg.tune:
                 options, tuned = self._tune(ctx, name, ref, options, samples)
                 artifacts["tune"] = "tune/tune.json"
             repo = ctx.out_dir / "model_repo"
-            write_triton_model(repo, name, ref.path, options, version=1)
+            notes = client_notes(name, ref.label, ctx.data().preprocessing())
+            write_triton_model(repo, name, ref.path, options, version=1, notes=notes)
         logs = ctx.out_dir / "server-logs"
         server = make_server(cfg.engine, repo, host=cfg.host, ports=free_ports(cfg.engine), log_dir=logs)
         return server, artifacts, tuned

@@ -66,6 +66,9 @@ class DistillStage(Stage):
     """Distil an earlier stage's model (the teacher) into a student, optionally against a no-teacher baseline."""
 
     Config = DistillConfig
+
+    def needs_torch_model(self) -> bool:
+        return True
     distributed = True  # runs fit(), which is data-parallel under torchrun: every rank must run it
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -82,7 +85,7 @@ class DistillStage(Stage):
         teacher_record = self._teacher_record(ctx)
         teacher, teacher_arch = load_model(teacher_record.artifact("checkpoint").parent)
         student, student_arch, student_source = self._student(ctx, teacher_record, bundle)
-        if student_arch["num_classes"] != teacher_arch["num_classes"]:
+        if student_arch.get("num_classes") != teacher_arch.get("num_classes"):
             raise DeploykitError(
                 f"The student has {student_arch['num_classes']} classes but teacher '{teacher_record.name}' has "
                 f"{teacher_arch['num_classes']}: give the student model num_classes {teacher_arch['num_classes']}."
@@ -90,7 +93,7 @@ class DistillStage(Stage):
         val_loader = make_loader(bundle.val, cfg.train.batch_size, shuffle=False)
 
         def accuracy(m: nn.Module) -> float:
-            return evaluate(m, val_loader, torch.device("cpu"))[1]
+            return evaluate(m, val_loader, torch.device("cpu"), task=bundle.task)[1]
 
         shape = (1, *bundle.input_shape)
         metrics: dict = {
@@ -105,14 +108,15 @@ class DistillStage(Stage):
         }
         mixup = ctx.pipeline.data.augment.mixup_alpha
         baseline_init = copy.deepcopy(student) if cfg.baseline else None
-        kd_bundle, criterion = bundle, DistillationLoss(cfg.alpha, cfg.temperature, teacher)
+        hard = bundle.task.loss if bundle.task.user_loss else torch.nn.functional.cross_entropy
+        kd_bundle, criterion = bundle, DistillationLoss(cfg.alpha, cfg.temperature, teacher, hard)
         metrics["cached"] = not augmented(ctx.pipeline.data.augment)
         if metrics["cached"]:  # one teacher pass instead of one per epoch
             start = time.perf_counter()
             logits = teacher_logits(teacher, bundle.train, cfg.train.batch_size)
             metrics["teacher_cache_s"] = time.perf_counter() - start
             kd_bundle = dataclasses.replace(bundle, train=WithTeacherLogits(bundle.train, logits))
-            criterion = DistillationLoss(cfg.alpha, cfg.temperature)
+            criterion = DistillationLoss(cfg.alpha, cfg.temperature, hard=hard)
         student, kd = fit(
             student, kd_bundle, cfg.train, ctx.work_dir / "kd", ctx.reporter, mixup_alpha=mixup, criterion=criterion
         )

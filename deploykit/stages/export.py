@@ -35,10 +35,14 @@ class ExportStage(Stage):
 
     Config = ExportConfig
 
+    def needs_torch_model(self) -> bool:
+        return True
+
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.export import check_parity, export_onnx, real_batches, write_reproduce_script
         from deploykit.export.torch2onnx import REPRODUCE_SCRIPT, onnx_opset, onnx_size_bytes
         from deploykit.runtime import ort_session, torch_session
+        from deploykit.sources.model import describe_arch
         from deploykit.train import load_model
         from deploykit.train.checkpoint import ARCH_FILE, CHECKPOINT_FILE
 
@@ -57,7 +61,7 @@ class ExportStage(Stage):
         seconds = time.perf_counter() - start
         write_reproduce_script(onnx_path, arch, f"source/{CHECKPOINT_FILE}", input_shape, cfg.opset)
         size_mb = onnx_path.stat().st_size / 1e6
-        ctx.reporter.log(f"exported {arch['name']} to model.onnx ({size_mb:.2f} MB) in {seconds:.1f} s")
+        ctx.reporter.log(f"exported {describe_arch(arch)} to model.onnx ({size_mb:.2f} MB) in {seconds:.1f} s")
 
         sizes = sorted({*cfg.parity_batch_sizes, cfg.max_batch})
         parity = check_parity(

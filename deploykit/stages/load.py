@@ -34,13 +34,15 @@ class LoadStage(Stage):
 
     Config = LoadConfig
 
+    def needs_torch_model(self) -> bool:
+        return True
+
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.train.checkpoint import load_torch, state_dict_from
         from deploykit.train.outputs import publish_model
-        from deploykit.zoo import build_model
 
         cfg, arch = self.config, ctx.arch()
-        model = build_model(arch, seed=cfg.seed)
+        model = ctx.new_model(seed=cfg.seed)
         if cfg.weights is not None:
             state = state_dict_from(load_torch(cfg.weights, "weights file"), cfg.weights, "weights file")
             state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
@@ -49,8 +51,8 @@ class LoadStage(Stage):
             except RuntimeError as e:
                 first = str(e).strip().splitlines()[-1].strip()
                 raise DeploykitError(
-                    f"Weights file '{cfg.weights}' does not fit {arch['name']} ({first}): check the model name, "
-                    "num_classes and options, or set strict: false to skip mismatched keys."
+                    f"Weights file '{cfg.weights}' does not fit {ctx.pipeline.model.label()} ({first}): check the "
+                    "model and its options, or set strict: false to skip mismatched keys."
                 ) from None
             metrics_skipped = len(result.missing_keys) + len(result.unexpected_keys)
         # Accuracy unknown: the weights were never evaluated here, and random ones say nothing.

@@ -66,7 +66,7 @@ class OpenVinoStage(Stage):
         source = ctx.find(Role.ONNX, " (the FP32 ONNX model OpenVINO converts)")
         onnx_path = atomic_copy(source.path, ctx.out_dir / "source" / source.path.name)
         reference = ort_session(onnx_path, cfg.threads)
-        fp32_accuracy = evaluate_accuracy(reference, bundle.val)
+        fp32_accuracy = evaluate_accuracy(reference, bundle.val, task=bundle.task)
         result = StageResult(artifacts={"reproduce": REPRODUCE_SCRIPT}, metrics={"reference_accuracy": fp32_accuracy})
         stats = ctx.stats(source)
 
@@ -79,7 +79,7 @@ class OpenVinoStage(Stage):
                     f"OpenVINO's FP32 IR does not match ONNX Runtime: max |logit difference| "
                     f"{parity['max_abs_diff']:.3g} exceeds {parity['tolerance']:.3g}; report the model to OpenVINO."
                 )
-            accuracy = evaluate_accuracy(session, bundle.val)
+            accuracy = evaluate_accuracy(session, bundle.val, task=bundle.task)
             self._publish(result, Role.OPENVINO, xml, replace(stats, bytes=ir_size_bytes(xml), accuracy=accuracy))
             result.metrics |= {"fp32_accuracy": accuracy, "fp32_parity": parity}
         write_reproduce_script(ctx.out_dir, onnx_path.name, FP32_FILE)
@@ -100,8 +100,9 @@ class OpenVinoStage(Stage):
                     preset=cfg.preset,
                     validation=validation,
                     max_drop=cfg.max_accuracy_drop,
+                    task=ctx.pipeline.task_json(),
                 )
-            accuracy = evaluate_accuracy(ov_session(xml, cfg.threads), bundle.val)
+            accuracy = evaluate_accuracy(ov_session(xml, cfg.threads), bundle.val, task=bundle.task)
             self._publish(result, Role.OPENVINO_INT8, xml, replace(stats, bytes=ir_size_bytes(xml), accuracy=accuracy))
             drop = round(100 * (fp32_accuracy - accuracy), 4)
             result.metrics |= {
@@ -110,7 +111,7 @@ class OpenVinoStage(Stage):
                 "int8_method": "accuracy_control" if validation else "ptq",
                 "nncf_seconds": round(time.perf_counter() - start, 3),
             }
-            ctx.reporter.log(f"OpenVINO INT8 (NNCF): val acc {fp32_accuracy:.2%} -> {accuracy:.2%} ({drop:+g} points)")
+            ctx.reporter.log(f"OpenVINO INT8 (NNCF): val {bundle.task.metric_name} {fp32_accuracy:.2%} -> {accuracy:.2%} ({drop:+g} points)")
         return result
 
     @staticmethod

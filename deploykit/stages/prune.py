@@ -59,6 +59,10 @@ class StructuredSettings(PruneSettings):
     round_to: int = Field(8, ge=1, description="structured: kept channel counts are multiples of this (SIMD-friendly widths).")
     iterative_steps: int = Field(1, ge=1, description="structured: reach the ratio or target in this many steps, re-scoring channels in between.")
     taylor_batches: int = Field(4, ge=1, description="structured, taylor: training batches whose gradients score the channels.")
+    ignored_layers: list[str] = Field(
+        default_factory=list,
+        description="structured: module names (e.g. head, blocks.3.se) that keep all their output channels.",
+    )
 
     @model_validator(mode="after")
     def _one_goal(self) -> StructuredSettings:
@@ -87,6 +91,9 @@ class PruneStage(Stage):
     Config = by_method(StructuredSettings, UnstructuredSettings)
     distributed = True  # fine-tuning runs fit(), which is data-parallel under torchrun: every rank must run it
 
+    def needs_torch_model(self) -> bool:
+        return True
+
     def run(self, ctx: StageContext) -> StageResult:
         import torch
 
@@ -105,7 +112,7 @@ class PruneStage(Stage):
         val_loader = make_loader(bundle.val, cfg.finetune.batch_size, shuffle=False)
 
         def accuracy(m: nn.Module) -> float:
-            return evaluate(m, val_loader, torch.device("cpu"))[1]
+            return evaluate(m, val_loader, torch.device("cpu"), task=bundle.task)[1]
 
         def train_batches(n: int) -> list:
             loader = make_loader(bundle.train, cfg.finetune.batch_size, shuffle=True, seed=cfg.finetune.seed)
@@ -147,9 +154,13 @@ class PruneStage(Stage):
     # -- one pruner per method (_PRUNERS): the pruned model and the metrics only this method has ----------------
 
     def _prune_structured(
-        self, model: nn.Module, shape: tuple[int, ...], num_classes: int, train_batches: Callable[[int], list]
+        self, model: nn.Module, shape: tuple[int, ...], num_classes: int | None, train_batches: Callable[[int], list]
     ) -> tuple[nn.Module, dict[str, Any]]:
-        """DepGraph pruning to the configured ratio or budget; the metrics hold each step's channel ratio."""
+        """DepGraph pruning to the configured ratio or budget; the metrics hold each step's channel ratio.
+
+        The layers making the model's output are found by tracing it, not from num_classes (None for a model that
+        does not classify), so any output keeps its shape.
+        """
         import torch
 
         from deploykit.compress.prune import Budget, prune_structured, taylor_gradients
@@ -169,17 +180,17 @@ class PruneStage(Stage):
             model,
             torch.zeros(shape),
             importance=cfg.importance,
-            num_classes=num_classes,
             round_to=cfg.round_to,
             steps=cfg.iterative_steps,
             ratio=cfg.pruning_ratio,
             budget=budget,
             gradients=gradients,
+            ignored_layers=cfg.ignored_layers,
         )
         return model, {"channel_ratios": ratios}
 
     def _prune_unstructured(
-        self, model: nn.Module, shape: tuple[int, ...], num_classes: int, train_batches: Callable[[int], list]
+        self, model: nn.Module, shape: tuple[int, ...], num_classes: int | None, train_batches: Callable[[int], list]
     ) -> tuple[nn.Module, dict[str, Any]]:
         """Masks on the smallest weights, in place (fine-tuning keeps them at zero)."""
         from deploykit.compress.prune import prune_unstructured

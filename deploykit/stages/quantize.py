@@ -142,6 +142,9 @@ class QuantizeStage(Stage):
 
     Config = by_method(PtqSettings, DynamicSettings, Pt2eSettings, QatSettings)
 
+    def needs_torch_model(self) -> bool:
+        return _METHODS[type(self.config)].quantizes == Role.CHECKPOINT
+
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.export.torch2onnx import onnx_size_bytes
 
@@ -172,7 +175,8 @@ class QuantizeStage(Stage):
         metrics["deployable"] = f"{pick.stage}/{pick.role}"
         atomic_write_json(ctx.out_dir / REPORT_FILE, metrics)
         ctx.reporter.log(
-            f"INT8 ({cfg.method}): val acc {metrics['fp32_accuracy']:.2%} -> {metrics['int8_accuracy']:.2%}, "
+            f"INT8 ({cfg.method}): val {ctx.data().task.metric_name} {metrics['fp32_accuracy']:.2%} -> "
+            f"{metrics['int8_accuracy']:.2%}, "
             f"{len(metrics['excluded_nodes'])} layer(s) in FP32, {metrics['size_ratio']:.2f}x the size, "
             f"{metrics['speedup']:.2f}x faster; deployable: {metrics['deployable']}"
         )
@@ -197,11 +201,11 @@ class QuantizeStage(Stage):
         bundle, threads = ctx.data(), self.config.latency_threads
         if checkpoint is None:
             session = ort_session(onnx.path, threads)
-            return _Fp32(onnx.path, session, evaluate_accuracy(session, bundle.val))
+            return _Fp32(onnx.path, session, evaluate_accuracy(session, bundle.val, task=bundle.task))
         model, _ = load_model(checkpoint.path.parent)
         path = onnx.path if onnx else export_onnx(model, bundle.input_shape, scratch / "fp32.onnx")
         session = torch_session(model, threads)
-        return _Fp32(path, session, evaluate_accuracy(session, bundle.val), model)
+        return _Fp32(path, session, evaluate_accuracy(session, bundle.val, task=bundle.task), model)
 
     # -- making candidates: one handler per method (_METHODS) ----------------------------------------------
 
@@ -241,7 +245,7 @@ class QuantizeStage(Stage):
             if not trials:  # the all-INT8 attempt: each calibration in turn until one keeps the accuracy
                 for method in methods:
                     calibrated(method, source, path, [], on_batch if not trials else lambda: None)
-                    accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val)
+                    accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val, task=bundle.task)
                     trials.append({"method": method, "accuracy": accuracy})
                     drop = accuracy_drop(fp32.accuracy, accuracy)
                     if cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop:
@@ -325,9 +329,12 @@ class QuantizeStage(Stage):
                 what, steps = "calibrating" if batches else "quantizing", len(batches) + 1
             with ctx.reporter.task(what, total=steps) as bar:
                 quantize(source, path, excluded, bar.advance)
-                accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val)
+                accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val, task=bundle.task)
                 bar.advance()
-            ctx.reporter.log(f"{len(excluded)} layer(s) in FP32: val acc {accuracy:.2%} (FP32 {fp32.accuracy:.2%})")
+            ctx.reporter.log(
+                f"{len(excluded)} layer(s) in FP32: val {bundle.task.metric_name} {accuracy:.2%} "
+                f"(FP32 {fp32.accuracy:.2%})"
+            )
             return accuracy, path
 
         def ranked(samples: list[np.ndarray]) -> list[str]:
@@ -358,7 +365,7 @@ class QuantizeStage(Stage):
         start = time.monotonic()
         quantized, extra = quantize()
         path = export_onnx(quantized, bundle.input_shape, scratch / "candidate.onnx")
-        accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val)
+        accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val, task=bundle.task)
         candidate = Candidate([], accuracy, path, round(time.monotonic() - start, 3))
         goal_met = cfg.max_accuracy_drop is None or accuracy_drop(fp32.accuracy, accuracy) <= cfg.max_accuracy_drop
         note = (

@@ -27,20 +27,24 @@ class TrainStage(Stage):
     """Train the pipeline's model (optimizers, schedules, SWA, early stopping, transfer learning, DDP)."""
 
     Config = TrainStageConfig
+
+    def needs_torch_model(self) -> bool:
+        return True
     distributed = True
 
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.train import fit
         from deploykit.train.outputs import publish_model
         from deploykit.train.recipes import apply_recipe
-        from deploykit.zoo import build_model, model_family
+        from deploykit.zoo import model_family
 
         bundle, arch = ctx.data(), ctx.arch()
-        model = build_model(arch, seed=self.config.seed)
+        model = ctx.new_model(seed=self.config.seed)
         mixup = ctx.pipeline.data.augment.mixup_alpha
         cfg, taken = self.config, {}
         if cfg.recipe == "auto":
-            family = model_family(arch["name"])
+            # A user model has no zoo family: it takes the ResNet recipe (SGD, warm-up then cosine), the most general.
+            family = model_family(arch["name"]) if "name" in arch else "resnet"
             cfg, taken = apply_recipe(cfg, family)
             ctx.reporter.log(
                 f"recipe auto ({family}): {', '.join(f'{k}={v}' for k, v in taken.items()) or 'nothing unset'}"

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from deploykit.data import DataBundle, clean_subset, make_loader, mixup_batch
 from deploykit.errors import DeploykitError
 from deploykit.progress import Reporter, silent
+from deploykit.sources.task import TOP1, Task, call_metric
 from deploykit.train import distributed as ddp
 from deploykit.train.checkpoint import load_torch, rng_state, save_torch, set_rng_state
 from deploykit.train.config import EarlyStoppingConfig, SWAConfig, TrainConfig
@@ -199,7 +200,8 @@ class _Trainer:
         steps_per_epoch = math.ceil(self.num_batches / cfg.accumulate_steps)
         self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.epochs, steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        loss_fn = build_loss(cfg.loss, bundle.num_classes)
+        self.task = task_of(bundle)
+        loss_fn = self.task.loss if self.task.user_loss else build_loss(cfg.loss, bundle.num_classes)
         self.criterion: Criterion = criterion or (lambda logits, x, target, extras: loss_fn(logits, target))
         self.swa = _Swa(cfg.swa, self.model, self.optimizer, cfg.epochs, cfg.optimizer.lr) if cfg.swa else None
         self.stopper = EarlyStopper(cfg.early_stopping) if cfg.early_stopping else None
@@ -237,8 +239,10 @@ class _Trainer:
                 self.swa.begin_epoch()
             train_loss, train_acc = self._train_epoch(epoch, step_schedule=not averaging)
             lr = self.schedule.lr
-            val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self._autocast)
-            train_eval_loss, train_eval_acc = evaluate(self.model, self.train_eval_loader, self.device, self._autocast)
+            val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self._autocast, self.task)
+            train_eval_loss, train_eval_acc = evaluate(
+                self.model, self.train_eval_loader, self.device, self._autocast, self.task
+            )
             if averaging:
                 self.swa.end_epoch(self.model)
             else:
@@ -307,15 +311,22 @@ class _Trainer:
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 if is_step:
                     self._optimizer_step(step_schedule)
-                labels = target.argmax(dim=1) if target.is_floating_point() else target
                 loss_sum += value * len(x)
-                correct += int((logits.argmax(dim=1) == labels).sum())
+                correct += self._batch_score(logits.detach(), target)
                 count += len(x)
                 bar.update(loss=loss_sum / count, acc=correct / count, lr=self.schedule.lr)
                 bar.advance()
         ddp.broadcast_buffers(self.model, self.info)
         loss_sum, correct, count = ddp.all_reduce_sum([loss_sum, correct, count], self.device, self.info)
         return loss_sum / count, correct / count
+
+    def _batch_score(self, logits: torch.Tensor, target: torch.Tensor) -> float:
+        """Correct predictions in a training batch; with a user metric, the batch's metric times its size (the
+        epoch's train metric is then a mean over batches, an estimate: the exact one is train_eval_acc)."""
+        if self.task.user_metric is not None:
+            return call_metric(self.task, logits.float().cpu(), target.cpu()) * len(target)
+        labels = target.argmax(dim=1) if target.is_floating_point() else target
+        return int((logits.argmax(dim=1) == labels).sum())
 
     def _checked_loss(self, loss: torch.Tensor, epoch: int, batch: int) -> float:
         """The batch loss as a float, raising TrainingDiverged when it is NaN/Inf on any rank."""
@@ -431,7 +442,7 @@ class _Trainer:
             final = self._swa_model()
         elif self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        val_loss, val_acc = evaluate(final, self.val_loader, self.device, self._autocast)
+        val_loss, val_acc = evaluate(final, self.val_loader, self.device, self._autocast, self.task)
         if self.cfg.activation_checkpointing:  # only a training-time setting; hand back a plain model
             final.activation_checkpointing = False
         final = final.cpu().eval()
@@ -487,18 +498,34 @@ def evaluate(
     loader: DataLoader,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    task: Task | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy of `model` (eval mode) over `loader`."""
+    """Mean loss (cross-entropy, or the task's own loss) and the task's metric (top-1 by default) of `model`
+    (eval mode) over `loader`."""
+    task = task or Task("classification", TOP1)
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, count = 0.0, 0
+    metric = task.accumulator()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
+        logits = logits.float()
+        if task.user_loss:
+            loss = task.loss(logits, y) * len(y)
+        elif task.classes:
+            loss = F.cross_entropy(logits, y, reduction="sum")
+        else:  # per-pixel (or per-position) targets: the mean over them, so the scale matches the training loss
+            loss = F.cross_entropy(logits, y) * len(y)
+        loss_sum += float(loss)
+        metric.update(logits, y)
         count += len(y)
-    return loss_sum / count, correct / count
+    return loss_sum / count, metric.value()
+
+
+def task_of(bundle: DataBundle) -> Task:
+    """The bundle's task; top-1 classification for a bundle built without one (tests, scripts)."""
+    return getattr(bundle, "task", None) or Task("classification", TOP1)
 
 
 def _pick_device(name: str) -> torch.device:
