@@ -14,7 +14,7 @@ from conftest import REPO
 import deploykit
 from deploykit.errors import DeploykitError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.side]
 
 
 def test_the_readme_example_runs_caches_and_names_its_metric(in_tmp):

@@ -184,7 +184,8 @@ def test_an_onnx_source_is_imported_and_quantized(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
     torch.onnx.export(model, torch.zeros(1, 1, 8, 8), str(tmp_path / "m.onnx"), dynamo=False, opset_version=13,
                       input_names=["pixels"], output_names=["out"])
-    outcomes = run_pipeline(load_pipeline(pipeline(tmp_path, "{onnx: m.onnx}", stages="  - stage: quantize\n")))
+    quick = "  - stage: quantize\n    calibrate_method: minmax\n    latency_rounds: 1\n    latency_window_s: 0.1\n"
+    outcomes = run_pipeline(load_pipeline(pipeline(tmp_path, "{onnx: m.onnx}", stages=quick)))
     assert [o.name for o in outcomes] == ["source", "quantize"]
     info = outcomes[0].metrics["import"]
     assert (info["original_input"], info["opset_before"], info["batch"]) == ("pixels", 13, "dynamic")

@@ -71,6 +71,11 @@ class TaskSettings(BaseModel):
     def _resolve_loss(cls, v: str | None, info: ValidationInfo) -> str | None:
         return v if v is None else resolve_ref(v, base_dir(info), "loss")
 
+    @property
+    def metric_name(self) -> str:
+        """The name every table and log gives the pipeline's metric."""
+        return self.metric.label if self.metric else TOP1
+
     def task_key(self) -> dict[str, Any]:
         """The task's part of every stage key; empty for the default, so existing pipelines keep their keys."""
         key: dict[str, Any] = {}
@@ -182,6 +187,11 @@ def call_metric(task: Task, outputs: Tensor, targets: Tensor) -> float:
             "finite number (guard its divisions, e.g. classes absent from a split)."
         )
     return number
+
+
+def task_of(bundle: Any) -> Task:
+    """A DataBundle's task; top-1 classification for a bundle built without one (tests, scripts)."""
+    return getattr(bundle, "task", None) or Task("classification", TOP1)
 
 
 def build_task(settings: dict[str, Any] | TaskSettings) -> Task:

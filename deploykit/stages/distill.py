@@ -76,6 +76,7 @@ class DistillStage(Stage):
 
         from deploykit.compress.distill import DistillationLoss, WithTeacherLogits, teacher_logits
         from deploykit.data import make_loader
+        from deploykit.sources.task import task_of
         from deploykit.train import fit, load_model
         from deploykit.train.loop import evaluate
         from deploykit.train.outputs import publish_model
@@ -108,7 +109,8 @@ class DistillStage(Stage):
         }
         mixup = ctx.pipeline.data.augment.mixup_alpha
         baseline_init = copy.deepcopy(student) if cfg.baseline else None
-        hard = bundle.task.loss if bundle.task.user_loss else torch.nn.functional.cross_entropy
+        task = task_of(bundle)
+        hard = task.loss if task.user_loss else torch.nn.functional.cross_entropy
         kd_bundle, criterion = bundle, DistillationLoss(cfg.alpha, cfg.temperature, teacher, hard)
         metrics["cached"] = not augmented(ctx.pipeline.data.augment)
         if metrics["cached"]:  # one teacher pass instead of one per epoch

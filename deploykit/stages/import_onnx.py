@@ -45,13 +45,13 @@ class ImportOnnxStage(Stage):
         accuracy = evaluate_accuracy(session, bundle.val, task=bundle.task)
         ctx.reporter.log(
             f"imported {source.onnx.name} ({info['layout']}, opset {info['opset_before']} -> {info['opset_after']}, "
-            f"batch {info['batch']}): val {bundle.task.metric_name} {accuracy:.2%}"
+            f"batch {info['batch']}): val {ctx.pipeline.metric_name} {accuracy:.2%}"
         )
         path = ctx.out_dir / ONNX_FILE
         stats = ModelStats(params=_param_count(path), bytes=onnx_size_bytes(path), accuracy=accuracy)
         return StageResult(
             artifacts={Role.ONNX: ONNX_FILE},
-            metrics={"import": info, "val_acc": accuracy, "metric": bundle.task.metric_name, "source": source.label()},
+            metrics={"import": info, "val_acc": accuracy, "metric": ctx.pipeline.metric_name, "source": source.label()},
             models={Role.ONNX: stats},
         )
 

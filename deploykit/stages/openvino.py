@@ -111,7 +111,10 @@ class OpenVinoStage(Stage):
                 "int8_method": "accuracy_control" if validation else "ptq",
                 "nncf_seconds": round(time.perf_counter() - start, 3),
             }
-            ctx.reporter.log(f"OpenVINO INT8 (NNCF): val {bundle.task.metric_name} {fp32_accuracy:.2%} -> {accuracy:.2%} ({drop:+g} points)")
+            ctx.reporter.log(
+                f"OpenVINO INT8 (NNCF): val {ctx.pipeline.metric_name} {fp32_accuracy:.2%} -> {accuracy:.2%} "
+                f"({drop:+g} points)"
+            )
         return result
 
     @staticmethod

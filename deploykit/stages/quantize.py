@@ -175,7 +175,7 @@ class QuantizeStage(Stage):
         metrics["deployable"] = f"{pick.stage}/{pick.role}"
         atomic_write_json(ctx.out_dir / REPORT_FILE, metrics)
         ctx.reporter.log(
-            f"INT8 ({cfg.method}): val {ctx.data().task.metric_name} {metrics['fp32_accuracy']:.2%} -> "
+            f"INT8 ({cfg.method}): val {ctx.pipeline.metric_name} {metrics['fp32_accuracy']:.2%} -> "
             f"{metrics['int8_accuracy']:.2%}, "
             f"{len(metrics['excluded_nodes'])} layer(s) in FP32, {metrics['size_ratio']:.2f}x the size, "
             f"{metrics['speedup']:.2f}x faster; deployable: {metrics['deployable']}"
@@ -332,7 +332,7 @@ class QuantizeStage(Stage):
                 accuracy = evaluate_accuracy(ort_session(path, cfg.latency_threads), bundle.val, task=bundle.task)
                 bar.advance()
             ctx.reporter.log(
-                f"{len(excluded)} layer(s) in FP32: val {bundle.task.metric_name} {accuracy:.2%} "
+                f"{len(excluded)} layer(s) in FP32: val {ctx.pipeline.metric_name} {accuracy:.2%} "
                 f"(FP32 {fp32.accuracy:.2%})"
             )
             return accuracy, path

@@ -47,7 +47,7 @@ class ReportStage(Stage):
             slo=cfg.target(),
             latency_batch=cfg.latency_batch,
             latency_percentile=cfg.latency_percentile,
-            metric_name=ctx.pipeline.metric.label if ctx.pipeline.metric else "top-1",
+            metric_name=ctx.pipeline.metric_name,
             model=ctx.pipeline.model.label(),
             # recorded beside every model upstream (the engine's meta.json): no need to build the data again
             preprocessing=next((r.meta["preprocessing"] for r in reversed(ctx.upstream) if "preprocessing" in r.meta),

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from deploykit.data import DataBundle, clean_subset, make_loader, mixup_batch
 from deploykit.errors import DeploykitError
 from deploykit.progress import Reporter, silent
-from deploykit.sources.task import TOP1, Task, call_metric
+from deploykit.sources.task import TOP1, Task, call_metric, task_of
 from deploykit.train import distributed as ddp
 from deploykit.train.checkpoint import load_torch, rng_state, save_torch, set_rng_state
 from deploykit.train.config import EarlyStoppingConfig, SWAConfig, TrainConfig
@@ -521,11 +521,6 @@ def evaluate(
         metric.update(logits, y)
         count += len(y)
     return loss_sum / count, metric.value()
-
-
-def task_of(bundle: DataBundle) -> Task:
-    """The bundle's task; top-1 classification for a bundle built without one (tests, scripts)."""
-    return getattr(bundle, "task", None) or Task("classification", TOP1)
 
 
 def _pick_device(name: str) -> torch.device:
