@@ -78,6 +78,7 @@ class Pick:
     role: str
     reason: str
     runtime: str | None = None  # None: the format's default runtime
+    precision: str | None = None  # the precision to run in when not the file's (bf16 for an FP32 file on OpenVINO)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class ArtifactRef:
     sha256: str
     why: str = ""
     runtime: str | None = None  # None: the format's default runtime
+    exec_precision: str | None = None  # asked of the runtime when not the file's: bf16 for an FP32 file on OpenVINO
 
     @property
     def format(self) -> str:
@@ -151,11 +153,15 @@ class ArtifactRef:
 
     @property
     def key(self) -> str:
-        return f"{self.stage}/{self.role}" + (f"@{self.runs_on}" if self._other_runtime else "")
+        runtime = f"@{self.runs_on}" if self._other_runtime else ""
+        return f"{self.stage}/{self.role}{runtime}" + (f":{self.exec_precision}" if self.exec_precision else "")
 
     @property
     def label(self) -> str:
-        return f"{self.stage} ({self.format} {self.precision})" + (f" on {self.runs_on}" if self._other_runtime else "")
+        runtime = f" on {self.runs_on}" if self._other_runtime else ""
+        return f"{self.stage} ({self.format} {self.precision}){runtime}" + (
+            f" in {self.exec_precision}" if self.exec_precision else ""
+        )
 
 
 def _ref(record: StageRecord, role: str, why: str) -> ArtifactRef:
@@ -197,7 +203,9 @@ def deployable(upstream: list[StageRecord]) -> ArtifactRef | None:
                     f"not in this run: re-run the pipeline with --force {record.name}."
                 )
             why = f"picked by the {record.name} stage: {pick['reason']}"
-            return replace(_ref(chosen, pick["role"], why), runtime=pick.get("runtime"))
+            return replace(
+                _ref(chosen, pick["role"], why), runtime=pick.get("runtime"), exec_precision=pick.get("precision")
+            )
     newest_onnx = next(  # in a stage that wrote both, INT8
         (
             _ref(r, role, "the newest ONNX model (no stage picked one)")

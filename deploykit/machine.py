@@ -28,8 +28,18 @@ _ISA_FLAGS = {
     "avx512_vnni": "AVX-512 VNNI",
     "avx_vnni": "AVX-VNNI",
     "avx512_bf16": "AVX-512 BF16",
+    "amx_bf16": "AMX-BF16",
     "amx_int8": "AMX-INT8",
 }
+BF16_ISA = ("AVX-512 BF16", "AMX-BF16")  # what makes BF16 arithmetic fast on a CPU (without it, it is emulated)
+
+
+def bf16_unsupported(machine: dict[str, Any]) -> str | None:
+    """Why a machine record's CPU offers no BF16 candidates (no AVX-512 BF16 or AMX-BF16), or None when it does."""
+    if any(isa in machine.get("isa", []) for isa in BF16_ISA):
+        return None
+    have = ", ".join(machine.get("isa", [])) or "none recorded"
+    return f"no BF16 candidates: this CPU has neither AVX-512 BF16 nor AMX-BF16 (its vector ISA: {have})"
 
 
 def cpu_isa() -> list[str]:

@@ -231,7 +231,8 @@ def test_repeated_rounds_report_the_median_round():
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    bench = {"stage": "benchmark", **BENCH_FAST, "omp_wait_policy": "passive"}  # the default machine is shared
+    # the default machine is shared; BF16 rows depend on the CPU (tests/test_precision.py)
+    bench = {"stage": "benchmark", **BENCH_FAST, "omp_wait_policy": "passive", "bf16": False}
     stages = [{"stage": "stub_export"}, {"stage": "stub_tensorrt"}, bench]
     run_pipeline(tiny_pipeline(runs, stages))
     directory = runs / "tiny" / "benchmark"
@@ -270,7 +271,7 @@ def test_benchmark_records_machine_versions_and_skips_tensorrt(bench_run):
     (skipped,) = report["skipped"]
     assert skipped["artifact"] == "stub_tensorrt (tensorrt fp16)" and "TensorRT" in skipped["reason"]
     table = (directory / "benchmark.md").read_text()
-    assert "| Artifact | Batch | P50 ms |" in table and "stub_tensorrt (tensorrt fp16) skipped" in table
+    assert "| Artifact | Runs in | Batch | P50 ms |" in table and "stub_tensorrt (tensorrt fp16) skipped" in table
     meta = json.loads((directory / "meta.json").read_text())
     assert meta["artifacts"]["benchmark"]["path"] == "benchmark.json" and len(meta["metrics"]["results"]) == 6
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,19 @@ class Target(ArtifactRef):
             "macs": self.macs,
             "sha256": self.sha256,
             "runs_on": self.runs_on,
+            "precision_hint": self.exec_precision,  # asked of the runtime; the row's execution_precision is its answer
         }
 
 
 def discover(
-    upstream: list[StageRecord], include: list[str] | None = None, onnx_runtimes: tuple[str, ...] = ("onnxruntime",)
+    upstream: list[StageRecord],
+    include: list[str] | None = None,
+    onnx_runtimes: tuple[str, ...] = ("onnxruntime",),
+    bf16: bool = False,
 ) -> list[Target]:
     """Every model artifact upstream, in pipeline order, with the stats its stage published; `include` limits the
-    roles. ONNX files appear once per runtime in `onnx_runtimes` (OpenVINO runs them as they are)."""
+    roles. ONNX files appear once per runtime in `onnx_runtimes` (OpenVINO runs them as they are). With `bf16`,
+    whatever OpenVINO runs appears once more with its float layers in BF16 (the caller knows the CPU has it)."""
     targets: list[Target] = []
     for record in upstream:
         for role, entry in record.meta.get("artifacts", {}).items():
@@ -53,12 +58,13 @@ def discover(
                 continue
             stats = record.stats(role)
             for runtime in onnx_runtimes if kind[0] == "onnx" else (None,):
-                targets.append(
-                    Target(
-                        stage=record.name, role=role, path=record.directory / entry["path"], sha256=entry["sha256"],
-                        runtime=runtime, size_bytes=stats.bytes or entry["bytes"], params=stats.params, macs=stats.macs,
-                    )
+                target = Target(
+                    stage=record.name, role=role, path=record.directory / entry["path"], sha256=entry["sha256"],
+                    runtime=runtime, size_bytes=stats.bytes or entry["bytes"], params=stats.params, macs=stats.macs,
                 )  # fmt: skip
+                targets.append(target)
+                if bf16 and target.runs_on == "openvino" and kind[1] in ("fp32", "int8"):
+                    targets.append(replace(target, exec_precision="bf16"))
     return targets
 
 

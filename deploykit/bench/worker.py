@@ -21,7 +21,8 @@ from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_json
 
 # A job is plain JSON so it crosses the process boundary unchanged:
-#   path, runtime (None: the file's default), batch_sizes, input_shape ([C, H, W]), threads,
+#   path, runtime (None: the file's default), precision (None: the file's; bf16 on OpenVINO), batch_sizes,
+#   input_shape ([C, H, W]), threads,
 #   measure (keyword arguments of measure()),
 #   accuracy (bool), accuracy_limit, data (the pipeline's data section, to rebuild the validation split),
 #   task (the pipeline's task settings: its metric).
@@ -33,7 +34,9 @@ def bench_artifact(job: dict[str, Any], bundle: Any = None) -> dict[str, Any]:
     from deploykit.runtime import evaluate_accuracy, open_artifact
 
     baseline_rss = current_rss_mb()
-    session = open_artifact(Path(job["path"]), threads=job["threads"], runtime=job.get("runtime"))
+    session = open_artifact(
+        Path(job["path"]), threads=job["threads"], runtime=job.get("runtime"), precision=job.get("precision")
+    )
     rng = np.random.default_rng(0)  # latency does not depend on pixel values; the same input for every artifact
     inputs = [rng.standard_normal((batch, *job["input_shape"]), dtype=np.float32) for batch in job["batch_sizes"]]
     measurements = [measure(session, x, **job["measure"]).to_dict() for x in inputs]
@@ -50,6 +53,7 @@ def bench_artifact(job: dict[str, Any], bundle: Any = None) -> dict[str, Any]:
         accuracy = evaluate_accuracy(session, bundle.val, limit=job["accuracy_limit"], task=bundle.task)
     return {
         "runtime": getattr(session, "name", None),
+        "execution_precision": session.execution_precision,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "measurements": measurements,
         "accuracy": accuracy,

@@ -38,6 +38,10 @@ def package(
     dynamic_batching: Annotated[bool, typer.Option(help="Let Triton group concurrent requests into batches.")] = True,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for a batch to fill.")] = 0,
     instances: Annotated[int, typer.Option(help="Model instances (parallel executions).")] = 1,
+    runtime: Annotated[str, typer.Option(help="What runs an ONNX model: onnxruntime or openvino.")] = "onnxruntime",
+    precision: Annotated[
+        str, typer.Option(help="OpenVINO's float precision: fp32, or bf16 on CPUs with AVX-512 BF16/AMX.")
+    ] = "fp32",
     gpu: Annotated[bool, typer.Option(help="Run instances on the GPU (KIND_GPU).")] = False,
     version: Annotated[int | None, typer.Option(help="Version number (default: the next free one).")] = None,
     torchserve: Annotated[bool, typer.Option(help="Also write a TorchServe archive (legacy target).")] = False,
@@ -96,6 +100,8 @@ def package(
         max_queue_delay_us=max_queue_delay_us,
         instances=instances,
         kind="gpu" if gpu else "cpu",
+        runtime=runtime,
+        precision=precision,
         execution_env=str(env) if env else None,
     )
     written = write_triton_model(repo, name, model_file, options, version=version)

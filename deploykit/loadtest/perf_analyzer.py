@@ -234,6 +234,12 @@ def run_perf_analyzer(
             lines += body
     text = "\n".join([header, *lines]) + "\n"
     rows = parse_csv(text)
+    missing = sorted(set(levels) - {r["users"] for r in rows})
+    if missing:  # perf_analyzer can end a sweep early, exit code 0, when a level never settles
+        raise UnstableMeasurement(
+            f"perf_analyzer measured '{model}' at {target} but returned no stable row for concurrency {missing}: raise "
+            f"measurement_interval_ms, stability_percentage or max_trials (full output: {out_dir / LOG_NAME})."
+        )
     atomic_write_text(out_dir / CSV_NAME, text)
     settings = {
         "concurrency": levels,

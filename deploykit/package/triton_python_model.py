@@ -136,7 +136,10 @@ def providers(instance_kind: str | None, device_id: str | None) -> list[Any]:
 Runner = Callable[[Feed], list[np.ndarray]]
 
 
-def onnxruntime_runner(path: str, output_names: list[str], threads: int | None, spin: bool, args: dict) -> Runner:
+def onnxruntime_runner(
+    path: str, output_names: list[str], threads: int | None, spin: bool, args: dict, precision: str = "fp32"
+) -> Runner:
+    """ONNX Runtime on the file's own precision (`precision` is OpenVINO's to choose; the config never sets it here)."""
     import onnxruntime as ort
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
@@ -155,11 +158,14 @@ def onnxruntime_runner(path: str, output_names: list[str], threads: int | None, 
     return run
 
 
-def openvino_runner(path: str, output_names: list[str], threads: int | None, spin: bool, args: dict) -> Runner:
-    """OpenVINO on the CPU, FP32 arithmetic kept (no bf16 on CPUs that have it), latency hint, one reused request."""
+def openvino_runner(
+    path: str, output_names: list[str], threads: int | None, spin: bool, args: dict, precision: str = "fp32"
+) -> Runner:
+    """OpenVINO on the CPU in the float precision the benchmark picked it in (fp32 unless told bf16: its own default
+    would drop to bf16 on CPUs that have it), latency hint, one reused request."""
     import openvino as ov
 
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": OV_HINTS[precision]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(path, "CPU", config)
@@ -177,6 +183,7 @@ def openvino_runner(path: str, output_names: list[str], threads: int | None, spi
 
 
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+OV_HINTS = {"fp32": "f32", "bf16": "bf16"}  # the config's `precision` -> OpenVINO's INFERENCE_PRECISION_HINT
 
 
 def config_parameter(model_config: dict[str, Any], key: str) -> str | None:
@@ -196,7 +203,8 @@ class TritonPythonModel:
         file_name = config_parameter(config, "model_file") or "model.onnx"
         path = os.path.join(args["model_repository"], args["model_version"], file_name)
         spin = config_parameter(config, "allow_spinning") == "1"
-        self._run = RUNNERS[runtime](path, self.output_names, int(threads) if threads else None, spin, args)
+        precision = config_parameter(config, "precision") or "fp32"
+        self._run = RUNNERS[runtime](path, self.output_names, int(threads) if threads else None, spin, args, precision)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds: list[Feed | RequestError] = []

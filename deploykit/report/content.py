@@ -71,7 +71,8 @@ def artifact_rows(
     by_stage = {r.name: _metrics(r) for r in upstream}
     rows = []
     runtimes = tuple(benchmark["settings"].get("onnx_runtimes", ["onnxruntime"])) if benchmark else ("onnxruntime",)
-    for target in discover(upstream, onnx_runtimes=runtimes):
+    bf16 = bool(benchmark and benchmark["settings"].get("bf16_offered"))
+    for target in discover(upstream, onnx_runtimes=runtimes, bf16=bf16):
         lat, thr = measured.get((target.key, latency_batch)), measured.get((target.key, big))
         any_row = lat or thr
         accuracy = any_row["accuracy"] if any_row else None
@@ -82,6 +83,7 @@ def artifact_rows(
             {
                 **target.describe(),
                 "accuracy": accuracy,
+                "execution_precision": any_row.get("execution_precision") if any_row else None,
                 "latency_batch": latency_batch,
                 **{k: lat[k] if lat else None for k in ("p50_ms", "p95_ms", "p99_ms", "speedup")},
                 "stable": all(r["stable"] for r in (lat, thr) if r),
@@ -92,6 +94,12 @@ def artifact_rows(
             }
         )
     return rows
+
+
+def _runs_in(row: dict[str, Any]) -> str:
+    """' (runs in bf16)' where the runtime computed in another precision than the file's, as it reported."""
+    ran = row.get("execution_precision")
+    return f" (runs in {ran})" if ran and ran != row["precision"] else ""
 
 
 def _artifact_table(rows: list[dict[str, Any]], latency_batch: int, big: int | None, metric: str) -> Table:
@@ -109,7 +117,7 @@ def _artifact_table(rows: list[dict[str, Any]], latency_batch: int, big: int | N
         [
             [
                 r["artifact"],
-                f"{r['format']} {r['precision']}",
+                f"{r['format']} {r['precision']}" + _runs_in(r),
                 f.percent(r["accuracy"]),
                 f.count(r["params"]),
                 f.count(r["macs"]),

@@ -43,12 +43,18 @@ _ENGINE_SUFFIXES = (".plan", ".engine")
 RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
-def open_artifact(path: Path, threads: int | None = None, runtime: str | None = None) -> Session:
+def open_artifact(
+    path: Path, threads: int | None = None, runtime: str | None = None, precision: str | None = None
+) -> Session:
     """A Session for a model directory (torch), a .onnx file (ONNX Runtime, or OpenVINO with
-    runtime='openvino'), an OpenVINO IR .xml, or a .plan/.engine file (TensorRT)."""
+    runtime='openvino'), an OpenVINO IR .xml, or a .plan/.engine file (TensorRT). `precision` (OpenVINO only)
+    asks for the float layers' precision, bf16 on CPUs that have it; None keeps the file's."""
     path = Path(path)
     if runtime == "openvino" or path.suffix == IR_SUFFIX:
-        return ov_session(path, threads)
+        return ov_session(path, threads, precision or "fp32")
+    if precision not in (None, "fp32"):
+        raise DeploykitError(f"{path.name} runs on {runtime or 'its default runtime'}, which deploykit runs in its "
+                             f"file's precision only: ask for {precision} on OpenVINO.")
     if path.is_dir() and (path / "model.json").is_file():
         from deploykit.train import load_model
 

@@ -24,8 +24,14 @@ class Session(ABC):
     """A loaded model that maps float32 images [N, C, H, W] to float32 logits [N, K]."""
 
     name: str  # e.g. "torch-fp32", "ort-int8", "trt-fp16"
-    precision: str  # "fp32" | "int8" | "fp16"
+    precision: str  # the file's: "fp32" | "int8" | "fp16"
     path: Path | None
+
+    @property
+    def execution_precision(self) -> str:
+        """The precision the runtime computes in, as it reports it after compiling: the file's unless the runtime
+        says otherwise (OpenVINO may run an FP32 file in BF16)."""
+        return self.precision
 
     @abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray:

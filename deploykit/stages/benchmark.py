@@ -14,7 +14,7 @@ from deploykit.bench.select import select_fastest
 from deploykit.bench.targets import Target, discover, unavailable_reason
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_json, atomic_write_text
-from deploykit.machine import machine_info, versions
+from deploykit.machine import bf16_unsupported, machine_info, versions
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, register
 
@@ -53,6 +53,11 @@ class BenchmarkConfig(BaseModel):
         description="Runtimes each ONNX file is timed on; OpenVINO runs ONNX Runtime's QDQ files as they are "
         "(skipped with the reason where it is not installed).",
     )
+    bf16: bool = Field(
+        True,
+        description="On CPUs with AVX-512 BF16 or AMX-BF16, also time (and judge) whatever OpenVINO runs with its "
+        "float layers in BF16; elsewhere the report says why there is no BF16 row.",
+    )
     select: bool = Field(
         True,
         description="Pick the deployable model by measurement: the fastest servable candidate (model x precision x "
@@ -85,7 +90,8 @@ class BenchmarkStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = self.config
-        targets = discover(ctx.upstream, cfg.include, tuple(cfg.onnx_runtimes))
+        bf16_reason = bf16_unsupported(machine_info()) if cfg.bf16 else "bf16: false in the benchmark stage"
+        targets = discover(ctx.upstream, cfg.include, tuple(cfg.onnx_runtimes), bf16=bf16_reason is None)
         if not targets:
             raise DeploykitError(
                 f"Stage '{ctx.name}' found no model artifact ({', '.join(cfg.include or MODEL_ROLES)}) upstream: "
@@ -94,6 +100,8 @@ class BenchmarkStage(Stage):
         shape = ctx.input_shape()
         reasons = {t.key: unavailable_reason(t) for t in targets}
         skipped = [{**t.describe(), "reason": reasons[t.key]} for t in targets if reasons[t.key]]
+        if bf16_reason and cfg.bf16:
+            skipped.append({"artifact": "BF16 candidates", "key": "bf16", "reason": bf16_reason})
         runnable = [t for t in targets if not reasons[t.key]]
         for entry in skipped:
             ctx.reporter.log(f"[yellow]skipping {escape(entry['artifact'])}:[/yellow] {escape(entry['reason'])}")  # '[gpu]' is no markup
@@ -101,7 +109,10 @@ class BenchmarkStage(Stage):
         machine, threads = machine_info(), cfg.threads or os.cpu_count() or 1
         results = self._run_rounds(ctx, runnable, shape, threads)
         rows = _rows(runnable, results, cfg.batch_sizes, self._isolate(ctx))
-        baseline = next((t for t in runnable if t.role == "checkpoint"), None)  # the trained FP32 model
+        # the trained FP32 model; without one (an ONNX source), the FP32 ONNX file on ONNX Runtime
+        baseline = next((t for t in runnable if t.role == "checkpoint"), None) or next(
+            (t for t in runnable if t.role == "onnx" and t.runs_on == "onnxruntime" and not t.exec_precision), None
+        )
         _add_speedups(rows, baseline)
         selection = select_fastest(rows, cfg.select_batch, cfg.max_accuracy_drop) if cfg.select else None
         pick = _pick(selection) if selection else None
@@ -114,7 +125,10 @@ class BenchmarkStage(Stage):
         report = {
             "machine": {**machine, "load_avg_before": machine.get("load_avg", []), "load_avg_after": load_after},
             "versions": versions(),
-            "settings": {**cfg.model_dump(mode="json"), "threads": threads, "input_shape": list(shape)},
+            "settings": {
+                **cfg.model_dump(mode="json"), "threads": threads, "input_shape": list(shape),
+                "bf16_offered": bf16_reason is None, "metric": ctx.pipeline.metric_name,
+            },  # fmt: skip
             "baseline": baseline.label if baseline else None,
             "deployable": {"key": chosen.key, "label": chosen.label, "why": chosen.why} if chosen else None,
             "selection": selection and {k: v for k, v in selection.items() if k not in ("pick", "runner_up")},
@@ -154,6 +168,7 @@ class BenchmarkStage(Stage):
                     job = {
                         "path": str(target.model_path),
                         "runtime": target.runtime,
+                        "precision": target.exec_precision,
                         "batch_sizes": cfg.batch_sizes,
                         "input_shape": list(shape),
                         "threads": threads,
@@ -185,7 +200,7 @@ class BenchmarkStage(Stage):
 
 def _pick(selection: dict[str, Any]) -> Pick:
     row = selection["pick"]
-    return Pick(row["stage"], row["role"], selection["reason"], runtime=row["runs_on"])
+    return Pick(row["stage"], row["role"], selection["reason"], runtime=row["runs_on"], precision=row["precision_hint"])
 
 
 def _record_of(ctx: StageContext, pick: Pick) -> StageRecord:
@@ -211,6 +226,7 @@ def _rows(
                 {
                     **target.describe(),
                     "runtime": rounds[0]["runtime"],
+                    "execution_precision": rounds[0]["execution_precision"],  # what the runtime said it ran in
                     "omp_wait_policy": rounds[0]["omp_wait_policy"],
                     "accuracy": rounds[0]["accuracy"],
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
@@ -235,9 +251,11 @@ def _markdown(report: dict[str, Any]) -> str:
     from deploykit.report.markdown import table
 
     m = report["machine"]
-    headers = ["Artifact", "Batch", "P50 ms", "P95 ms", "P99 ms", "Throughput /s", "Speedup", "Accuracy", "Size MB"]
+    metric = report["settings"].get("metric", "top-1")
+    headers = ["Artifact", "Runs in", "Batch", "P50 ms", "P95 ms", "P99 ms", "Throughput /s", "Speedup",
+               "Accuracy" if metric == "top-1" else metric, "Size MB"]  # fmt: skip
     rows = [
-        [r["artifact"] + (" (deployable)" if r["deployable"] else ""), str(r["batch"]),
+        [r["artifact"] + (" (deployable)" if r["deployable"] else ""), r["execution_precision"], str(r["batch"]),
          *(f.ms(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms")), f.rate(r["throughput"]),
          f.ratio(r["speedup"]), f.percent(r["accuracy"]), f.megabytes(r["size_bytes"]), f"{r['peak_rss_mb']:.0f}",
          "yes" if r["stable"] else "NO"]

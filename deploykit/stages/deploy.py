@@ -164,6 +164,7 @@ class DeployStage(Stage):
                 engine=cfg.engine,
                 model_path=model_path,
                 runtime=ref.runs_on,
+                precision=ref.exec_precision,
                 samples=samples,
                 grpc_url=server.grpc_url,
                 metrics_url=server.metrics_url,
@@ -219,7 +220,8 @@ class DeployStage(Stage):
             from deploykit.serve.triton import find_triton
 
             install = find_triton()
-            options = cfg.triton.model_copy(update={"runtime": ref.runs_on})  # the runtime the benchmark chose it on
+            # the runtime and precision the benchmark chose it on
+            options = cfg.triton.model_copy(update={"runtime": ref.runs_on, "precision": ref.exec_precision or "fp32"})
             if options.flavour == "portable" and options.execution_env is None and install.python_env:
                 options = options.model_copy(update={"execution_env": str(install.python_env)})
             artifacts = {

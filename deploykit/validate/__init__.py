@@ -111,6 +111,7 @@ def validate_server(
     engine: str = "triton",
     model_path: Path | None = None,
     runtime: str | None = None,
+    precision: str | None = None,
     samples: np.ndarray | None = None,
     grpc_url: str | None = None,
     metrics_url: str | None = None,
@@ -131,7 +132,8 @@ def validate_server(
     none of which may take the server down, and a good request after them that must answer as before. A caller
     that owns the server passes `restart`, and a crash is recorded and the corpus goes on; else the rest is not sent.
 
-    The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime`; the load
+    The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime` in
+    `precision` (bf16 on OpenVINO: the served model's own, with a tolerance that fits it); the load
     test runs on `load_client` (locust, or perf_analyzer for Triton).
     """
     if fuzz and engine != "triton":  # refused before any request is sent
@@ -147,7 +149,7 @@ def validate_server(
         from deploykit.runtime import open_artifact
 
         batches = [samples[np.arange(n) % len(samples)] for n in PARITY_BATCHES]
-        reference = open_artifact(Path(model_path), threads=1, runtime=runtime)
+        reference = open_artifact(Path(model_path), threads=1, runtime=runtime, precision=precision)
         checks += correctness_checks(client, reference, batches, grpc_url)
     checks += bad_input_checks(client, shape)
     corpus = None
