@@ -144,8 +144,8 @@ def _bf16_lines(bench: dict, rows: list[dict], fastest: Callable[[str | None, st
         pick = without_int8["pick"]
         ratio = fp32["p50_ms"] / pick["p50_ms"]
         lines.append(
-            f"Target: with INT8 over the accuracy budget (INT8 rows left out; this data carries no accuracy), the pick "
-            f"is {pick['artifact']} in {_runs_in(pick)}, {ratio:.2f}x the fastest FP32 candidate ({fp32['artifact']}, "
+            f"Target: with INT8 over the accuracy budget (the INT8 rows left out), the pick is {pick['artifact']} "
+            f"(runs in {_runs_in(pick)}), {ratio:.2f}x the fastest FP32 candidate ({fp32['artifact']}, "
             f"{_fmt(fp32['p50_ms'])} ms): {'met' if _runs_in(pick) == 'bf16' and ratio >= 4 else 'NOT met'} (>= 4x)."
         )
     if int8:

@@ -25,6 +25,7 @@ class Role(str, Enum):
     HISTORY = "history"
     ONNX = "onnx"  # FP32 ONNX
     ONNX_INT8 = "onnx_int8"  # QDQ ONNX
+    ONNX_FP16 = "onnx_fp16"  # FP16 weights and arithmetic, FP32 inputs and outputs (for GPU runtimes)
     OPENVINO = "openvino"  # FP32 OpenVINO IR (.xml; its .bin is published as openvino_weights)
     OPENVINO_INT8 = "openvino_int8"
     TRT_FP16 = "trt_fp16"
@@ -39,6 +40,7 @@ MODEL_ROLES: dict[str, tuple[str, str]] = {
     Role.CHECKPOINT: ("torch", "fp32"),
     Role.ONNX: ("onnx", "fp32"),
     Role.ONNX_INT8: ("onnx", "int8"),
+    Role.ONNX_FP16: ("onnx", "fp16"),
     Role.OPENVINO: ("openvino", "fp32"),
     Role.OPENVINO_INT8: ("openvino", "int8"),
     Role.TRT_FP16: ("tensorrt", "fp16"),

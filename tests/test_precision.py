@@ -144,3 +144,28 @@ def test_a_bf16_model_is_served_as_picked_within_tolerance_of_offline_bf16(tmp_p
         client = OipClient(served.http_url, served.model, "triton")
         checks = correctness_checks(client, reference, batches, served.grpc_url)
         assert [c.status for c in checks] == ["pass", "pass"], [c.detail for c in checks]
+
+
+def test_the_fp16_stage_writes_a_checked_fp16_model_the_cpu_benchmark_declines(tmp_path):
+    import json
+
+    from deploykit.pipeline.engine import run_pipeline
+    from deploykit.pipeline.loader import parse_pipeline
+    from deploykit.runtime import onnx_precision
+
+    cfg = parse_pipeline({
+        "name": "half", "runs_dir": str(tmp_path),
+        "data": {"dataset": "digits", "image_size": 8, "channels": 1},
+        "model": {"name": "resnet18", "options": {"stem": "cifar", "width_mult": 0.25}},
+        "stages": [{"stage": "load"}, {"stage": "export", "max_batch": 2}, {"stage": "fp16"},
+                   {"stage": "benchmark", "batch_sizes": [1], "window_s": 0.02, "max_windows": 3, "isolate": False,
+                    "include": ["onnx_fp16"], "select": False}],
+    })  # fmt: skip
+    outcomes = {o.name: o for o in run_pipeline(cfg)}
+    half = outcomes["fp16"].directory / "model.fp16.onnx"
+    metrics = outcomes["fp16"].metrics
+    assert metrics["weight_types"] == ["FLOAT16"] and metrics["io_types"] == ["FLOAT", "FLOAT"]
+    assert metrics["parity_rel_diff"] < 1e-2 and 0.4 < metrics["size_ratio"] < 0.6  # half the bytes
+    assert onnx_precision(half) == "fp16"  # read from the graph's types, not the file name
+    bench = json.loads((outcomes["benchmark"].directory / "benchmark.json").read_text())
+    assert bench["results"] == [] and "FP16 ONNX is for GPU runtimes" in bench["skipped"][0]["reason"]

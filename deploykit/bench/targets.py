@@ -94,4 +94,10 @@ def unavailable_reason(target: Target) -> str | None:
     """Why `target` cannot run on this machine, or None."""
     if target.runs_on == "tensorrt":
         return tensorrt_unavailable()
+    if target.format == "onnx" and target.precision == "fp16":
+        # On a CPU its timing would be a conversion's, not FP16 arithmetic's: no truthful row to give.
+        return (
+            "FP16 ONNX is for GPU runtimes (TensorRT, ONNX Runtime's CUDA provider); this benchmark times CPU "
+            "runtimes, where FP16 is converted, not computed"
+        )
     return openvino_unavailable() if target.runs_on == "openvino" else None

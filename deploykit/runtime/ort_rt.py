@@ -29,13 +29,17 @@ _LOAD_ERRORS = (
 
 
 def onnx_precision(path: Path) -> str:
-    """'int8' when the graph holds quantized ops, else 'fp32' (weights are not read)."""
+    """The graph's types: 'int8' when it holds quantized ops, 'fp16' when its float weights are FP16, else 'fp32'
+    (weights' values are not read)."""
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except (OSError, DecodeError) as exc:
         raise DeploykitError(f"The ONNX model {path} could not be read ({exc}): re-export it.") from exc
     ops = {node.op_type for node in graph.node}
-    return "int8" if any(op in _INT8_OPS or op.startswith("QLinear") for op in ops) else "fp32"
+    if any(op in _INT8_OPS or op.startswith("QLinear") for op in ops):
+        return "int8"
+    floats = {t.data_type for t in graph.initializer} & {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    return "fp16" if floats == {onnx.TensorProto.FLOAT16} else "fp32"
 
 
 class OrtSession(Session):

@@ -18,7 +18,7 @@ from deploykit.machine import bf16_unsupported, machine_info, versions
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, register
 
-Role = Literal["checkpoint", "onnx", "onnx_int8", "openvino", "openvino_int8", "trt_fp16", "trt_int8"]
+Role = Literal["checkpoint", "onnx", "onnx_int8", "onnx_fp16", "openvino", "openvino_int8", "trt_fp16", "trt_int8"]
 _SUMMARY_KEYS = ("artifact", "runs_on", "batch", "p50_ms", "p95_ms", "p99_ms", "throughput", "speedup", "accuracy", "stable")
 
 
