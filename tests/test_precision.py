@@ -169,3 +169,39 @@ def test_the_fp16_stage_writes_a_checked_fp16_model_the_cpu_benchmark_declines(t
     assert onnx_precision(half) == "fp16"  # read from the graph's types, not the file name
     bench = json.loads((outcomes["benchmark"].directory / "benchmark.json").read_text())
     assert bench["results"] == [] and "FP16 ONNX is for GPU runtimes" in bench["skipped"][0]["reason"]
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize("claims_bf16", [False, True])
+def test_the_benchmark_offers_bf16_by_the_machine_record_and_labels_what_ran(tmp_path, monkeypatch, claims_bf16):
+    """With a record without BF16: no BF16 row, and the reason. With one that claims it (on any real CPU): BF16 rows
+    whose label is what OpenVINO says it compiled to, so a CPU without BF16 shows fp32, never a made-up bf16."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")
+    import json
+
+    from deploykit.pipeline.engine import run_pipeline
+    from deploykit.pipeline.loader import parse_pipeline
+    from deploykit.stages import benchmark
+
+    isa = ["AVX2", "AVX-512", "AMX-BF16"] if claims_bf16 else ["AVX2", "AVX-512"]
+    monkeypatch.setattr(benchmark, "machine_info", lambda: {**machine_info(), "isa": isa})
+    bench = {"stage": "benchmark", "batch_sizes": [1], "warmup": 1, "window_s": 0.02, "max_windows": 3,
+             "isolate": False, "onnx_runtimes": ["openvino"], "max_accuracy_drop": 100.0}  # fmt: skip
+    cfg = parse_pipeline({
+        "name": "axis", "runs_dir": str(tmp_path),
+        "data": {"dataset": "digits", "image_size": 8, "channels": 1},
+        "model": {"name": "resnet18", "options": {"stem": "cifar", "width_mult": 0.25}},
+        "stages": [{"stage": "load"}, {"stage": "export", "max_batch": 2}, bench],
+    })  # fmt: skip
+    directory = {o.name: o for o in run_pipeline(cfg)}["benchmark"].directory
+    report = json.loads((directory / "benchmark.json").read_text())
+    ran = {r["key"]: r["execution_precision"] for r in report["results"]}
+    if not claims_bf16:
+        assert ran == {"load/checkpoint": "fp32", "export/onnx@openvino": "fp32"}
+        assert "neither AVX-512 BF16 nor AMX-BF16" in next(s["reason"] for s in report["skipped"] if s["key"] == "bf16")
+        return
+    assert ran["export/onnx@openvino"] == "fp32"  # asked for f32 explicitly, whatever OpenVINO's default here
+    assert ran["export/onnx@openvino:bf16"] == ("bf16" if BF16_HERE else "fp32")  # read back, not assumed
+    row = next(r for r in report["results"] if r["key"] == "export/onnx@openvino:bf16")
+    assert row["accuracy"] is not None  # judged in the precision it ran in
+    assert ("| bf16 |" in (directory / "benchmark.md").read_text()) == BF16_HERE  # the table's Runs in column
