@@ -29,7 +29,7 @@ def save_png(fig: Figure, path: Path) -> None:
 _CURVE_SERIES = (("train_eval", "train (eval)", "-"), ("val", "val", "--"), ("train", "train (as trained)", ":"))
 
 
-def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
+def plot_curves(histories: dict[str, list[dict]], path: Path, metric: str = "top-1") -> None:
     """Loss (log scale: an early epoch's loss can be 100x the final one) and accuracy per epoch, for train evaluated
     like val, val, and train as trained (regularized, augmented); stages follow each other on one epoch axis."""
     from matplotlib.figure import Figure
@@ -50,15 +50,17 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
                         linewidth=1.0 if thin else 1.5, label=f"{stage}: {name}")  # fmt: skip
         offset = epochs[-1]
     loss_ax.set_yscale("log")
-    for ax, name in ((loss_ax, "loss (log scale)"), (acc_ax, "top-1 accuracy")):
-        ax.set(title=name.capitalize(), xlabel="epoch (stages in pipeline order)", ylabel=name)
+    for ax, name in ((loss_ax, "loss (log scale)"), (acc_ax, "top-1 accuracy" if metric == "top-1" else metric)):
+        ax.set(title=name[:1].upper() + name[1:], xlabel="epoch (stages in pipeline order)", ylabel=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     save_png(fig, path)
 
 
-def plot_tradeoff(points: list[TradeoffPoint], path: Path, latency_label: str, slo_latency_ms: float | None) -> None:
+def plot_tradeoff(
+    points: list[TradeoffPoint], path: Path, latency_label: str, slo_latency_ms: float | None, metric: str = "top-1"
+) -> None:
     """Accuracy against latency, marker area by file size; the Pareto front in colour and joined, dominated points
     grey, every point labelled with its artifact, and the SLO's latency target as a line."""
     from matplotlib.figure import Figure
@@ -88,7 +90,7 @@ def plot_tradeoff(points: list[TradeoffPoint], path: Path, latency_label: str, s
     low = min(accuracies)
     ax.set_ylim(low - max(1.0, 0.3 * (max(accuracies) - low)), min(100.5, max(accuracies) + 3.0))  # room for labels
     ax.set(title="Accuracy vs latency (up and left is better; marker area: file size)", xlabel=latency_label,
-           ylabel="top-1 accuracy (%)")  # fmt: skip
+           ylabel=f"{metric} accuracy (%)" if metric == "top-1" else f"{metric} (%)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: it never hides a point
     save_png(fig, path)

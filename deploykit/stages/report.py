@@ -56,11 +56,13 @@ class ReportStage(Stage):
         rows = content.artifact_rows(ctx.upstream, benchmark, cfg.latency_batch)
         artifacts = {"report": "report.md", "report_html": "report.html"}
         if histories := content.histories(ctx.upstream):
-            plots.plot_curves(histories, ctx.out_dir / content.CURVES_FILE)
+            plots.plot_curves(histories, ctx.out_dir / content.CURVES_FILE, ctx.pipeline.metric_name)
             artifacts["curves"] = content.CURVES_FILE
         if points := content.tradeoff_points(rows):
             label = f"P50 latency at batch {cfg.latency_batch} (ms)"
-            plots.plot_tradeoff(points, ctx.out_dir / content.TRADEOFF_FILE, label, inp.slo.max_latency_ms)
+            plots.plot_tradeoff(
+                points, ctx.out_dir / content.TRADEOFF_FILE, label, inp.slo.max_latency_ms, ctx.pipeline.metric_name
+            )
             artifacts["tradeoff"] = content.TRADEOFF_FILE
         blocks, metrics = content.build(inp, rows, "curves" in artifacts, "tradeoff" in artifacts)
         images = {name: (ctx.out_dir / name).read_bytes() for name in artifacts.values() if name.endswith(".png")}
