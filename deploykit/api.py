@@ -89,7 +89,7 @@ def optimize(
     loss: f(outputs, targets) -> scalar tensor, used by every stage that trains.
     Relative paths in a pipeline file start at its folder; in a dict, at the working directory.
     """
-    from deploykit.pipeline.engine import run_pipeline
+    from deploykit.pipeline.engine import read_meta, run_pipeline
     from deploykit.pipeline.loader import _load_yaml_with_lines, parse_pipeline
     from deploykit.progress import Reporter
 
@@ -110,7 +110,7 @@ def optimize(
     cfg = parse_pipeline(raw, source, lines, base_dir=base)
     with Reporter(enabled=progress) as reporter:
         outcomes = run_pipeline(cfg, force=force, until=until, reporter=reporter)
-    records = [StageRecord(o.name, o.type, o.directory, _meta(o.directory)) for o in outcomes]
+    records = [StageRecord(o.name, o.type, o.directory, read_meta(o.directory) or {}) for o in outcomes]
     picked = deployable(records)
     chosen = (
         Deployable(picked.path, picked.runs_on, picked.stage, picked.role, picked.why) if picked is not None else None
@@ -133,15 +133,6 @@ def _read(pipeline: str | Path | dict[str, Any], load_yaml: Callable) -> tuple[d
 def _kept_data_keys(data: dict[str, Any]) -> dict[str, Any]:
     """The data settings that still apply when the datasets come from Python (the rest describe other sources)."""
     return {k: v for k, v in data.items() if k in ("normalize", "val_fraction", "seed")}
-
-
-def _meta(directory: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _name(obj: Any) -> str:

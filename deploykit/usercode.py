@@ -46,6 +46,13 @@ def _lookup_object(ref: str, what: str) -> Any:
     return _OBJECTS[ref]
 
 
+def base_dir(info: Any) -> Path:
+    """Where relative paths in a pipeline start (pydantic's ValidationInfo carries it in its context): the pipeline
+    file's folder, else the working directory."""
+    context = getattr(info, "context", None) or {}
+    return Path(context.get("base_dir") or Path.cwd())
+
+
 def split_ref(ref: str, what: str) -> tuple[str, str]:
     """(file-or-module, attribute) of `ref`; a malformed reference is one sentence naming `what`."""
     where, sep, attr = ref.rpartition(":")

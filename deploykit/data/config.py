@@ -19,7 +19,7 @@ from pydantic import (
 
 from deploykit.errors import DeploykitError
 from deploykit.files import sha256_file
-from deploykit.usercode import describe_ref, resolve_ref, source_sha256
+from deploykit.usercode import base_dir, describe_ref, resolve_ref, source_sha256
 
 BUILTIN_DATASETS = ("digits", "shapes", "imagefolder", "synthetic")
 # Fields added after pipelines were first cached: model_dump (and so key()) leaves them out while at their
@@ -59,13 +59,6 @@ class NormalizeStats(BaseModel):
         if not all(math.isfinite(v) for v in self.mean + self.std) or min(self.std) <= 0:
             raise ValueError("normalize needs finite means and stds greater than 0")
         return self
-
-
-def _base_dir(info: ValidationInfo) -> Path:
-    """The pipeline file's folder (validation context), else the cwd: the rule of deploykit.sources.model.base_dir,
-    repeated here so that loading a config never imports torch."""
-    context = info.context or {}
-    return Path(context.get("base_dir") or Path.cwd())
 
 
 class DataConfig(BaseModel):
@@ -123,7 +116,7 @@ class DataConfig(BaseModel):
         if v is None or info.data.get("dataset") != "arrays":
             return v
         path = v.expanduser()
-        path = (_base_dir(info) / path).resolve() if not path.is_absolute() else path
+        path = (base_dir(info) / path).resolve() if not path.is_absolute() else path
         if not path.is_file():
             raise ValueError(f"the arrays file {path} does not exist: give the path of an .npz file (relative paths "
                              "start at the pipeline file's folder)")
@@ -132,7 +125,7 @@ class DataConfig(BaseModel):
     @field_validator("factory")
     @classmethod
     def _resolve_factory(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return None if v is None else resolve_ref(v, _base_dir(info), "data.factory")
+        return None if v is None else resolve_ref(v, base_dir(info), "data.factory")
 
     @model_validator(mode="after")
     def _fields_fit_the_dataset(self) -> DataConfig:

@@ -45,7 +45,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _read_meta(directory: Path) -> dict[str, Any] | None:
+def read_meta(directory: Path) -> dict[str, Any] | None:
     import json
 
     try:
@@ -56,7 +56,7 @@ def _read_meta(directory: Path) -> dict[str, Any] | None:
 
 def _is_cached(directory: Path, key: str) -> dict[str, Any] | None:
     """The stage's meta if its folder is complete for this key and no artifact was altered."""
-    meta = _read_meta(directory)
+    meta = read_meta(directory)
     if not meta or meta.get("key") != key:
         return None
     for entry in meta.get("artifacts", {}).values():
@@ -238,7 +238,7 @@ def _run_stages(
                     reporter.log(f"[dim]stage {name} ({entry.stage}) cached[/dim]")
             dist.barrier()
             if meta is None or not dist.is_main:  # other ranks read what rank 0 wrote
-                meta = _read_meta(final) or {}
+                meta = read_meta(final) or {}
             upstream.append(StageRecord(name=name, type=entry.stage, directory=final, meta=meta))
             wall = meta.get("wall_time_s", 0.0) if status == "ran" else time.perf_counter() - start
             outcomes.append(StageOutcome(name, entry.stage, status, wall, final, meta.get("metrics", {})))

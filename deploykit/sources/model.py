@@ -18,14 +18,8 @@ from torch import nn
 
 from deploykit.errors import DeploykitError
 from deploykit.files import sha256_file
-from deploykit.usercode import describe_ref, load_ref, resolve_ref, source_sha256
+from deploykit.usercode import base_dir, describe_ref, load_ref, resolve_ref, source_sha256
 from deploykit.zoo.config import ModelConfig
-
-
-def base_dir(info: ValidationInfo) -> Path:
-    """Where relative paths in a pipeline start: the pipeline file's folder (validation context), else the cwd."""
-    context = info.context or {}
-    return Path(context.get("base_dir") or Path.cwd())
 
 
 class ZooSource(ModelConfig):

@@ -21,8 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import Tensor
 
 from deploykit.errors import DeploykitError
-from deploykit.sources.model import base_dir
-from deploykit.usercode import describe_ref, load_callable, resolve_ref, source_sha256
+from deploykit.usercode import base_dir, describe_ref, load_callable, resolve_ref, source_sha256
 
 TOP1 = "top-1"
 
