@@ -28,7 +28,7 @@ class ImportOnnxStage(Stage):
     Config = ImportOnnxConfig
 
     def run(self, ctx: StageContext) -> StageResult:
-        from deploykit.export.onnx_import import check_sample_shape, import_onnx, inspect_onnx
+        from deploykit.export.onnx_import import import_onnx
         from deploykit.export.torch2onnx import onnx_size_bytes
         from deploykit.runtime import evaluate_accuracy, ort_session
 
@@ -39,8 +39,8 @@ class ImportOnnxStage(Stage):
                 "stage, or give model: {onnx: path/to/model.onnx}."
             )
         bundle = ctx.data()
-        check_sample_shape(inspect_onnx(source.onnx, source.input_layout), tuple(bundle.input_shape))
-        info = import_onnx(source.onnx, ctx.out_dir / ONNX_FILE, source.input_layout)
+        # the data's sample shape is checked against the graph first, and fills any dims the file leaves open
+        info = import_onnx(source.onnx, ctx.out_dir / ONNX_FILE, source.input_layout, sample_shape=bundle.input_shape)
         session = ort_session(ctx.out_dir / ONNX_FILE)
         accuracy = evaluate_accuracy(session, bundle.val, task=bundle.task)
         ctx.reporter.log(
