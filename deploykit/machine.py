@@ -39,7 +39,7 @@ def bf16_unsupported(machine: dict[str, Any]) -> str | None:
     if any(isa in machine.get("isa", []) for isa in BF16_ISA):
         return None
     have = ", ".join(machine.get("isa", [])) or "none recorded"
-    return f"no BF16 candidates: this CPU has neither AVX-512 BF16 nor AMX-BF16 (its vector ISA: {have})"
+    return f"this CPU has neither AVX-512 BF16 nor AMX-BF16 (its vector ISA: {have}), so it has no BF16 candidates"
 
 
 def cpu_isa() -> list[str]:

@@ -101,7 +101,7 @@ class BenchmarkStage(Stage):
         reasons = {t.key: unavailable_reason(t) for t in targets}
         skipped = [{**t.describe(), "reason": reasons[t.key]} for t in targets if reasons[t.key]]
         if bf16_reason and cfg.bf16:
-            skipped.append({"artifact": "BF16 candidates", "key": "bf16", "reason": bf16_reason})
+            skipped.append({"artifact": "BF16", "key": "bf16", "reason": bf16_reason})
         runnable = [t for t in targets if not reasons[t.key]]
         for entry in skipped:
             ctx.reporter.log(f"[yellow]skipping {escape(entry['artifact'])}:[/yellow] {escape(entry['reason'])}")  # '[gpu]' is no markup
