@@ -53,8 +53,10 @@ class StageContext:
     def input_shape(self) -> tuple[int, ...]:
         """One sample's shape, channels first. deploykit's own image datasets say it without being built (a latency
         pipeline on 224 px synthetic data never generates a sample it does not need); a user's data must be read."""
+        from deploykit.data.config import BUILTIN_DATASETS
+
         data = self.pipeline.data
-        if data.dataset in ("digits", "shapes", "imagefolder", "synthetic"):
+        if data.dataset in BUILTIN_DATASETS:
             channels = getattr(self.pipeline.model, "in_channels", None) or data.channels
             return (channels, data.image_size, data.image_size)
         return tuple(self.data().input_shape)

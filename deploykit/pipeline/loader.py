@@ -262,8 +262,9 @@ def _check_stages_fit_source(cfg: PipelineBase, source: str, lines: dict[tuple, 
         if stage_types()[entry.stage](entry.settings()).needs_torch_model():
             line = lines.get(("stages", i))
             raise DeploykitError(
-                f"{source}:{line}: stages[{i}]: stage {entry.stage_name!r} needs a PyTorch model, but the model is the ONNX file "
-                f"{cfg.model.onnx.name}: remove the stage, or give model: factory (your PyTorch code) instead."
+                f"{source}:{line}: stages[{i}]: stage {entry.stage_name!r} needs a PyTorch model, but the model is "
+                f"the ONNX file {cfg.model.onnx.name}: remove the stage, or give model: factory (your PyTorch code) "
+                "instead."
             )
 
 

@@ -53,8 +53,10 @@ def open_artifact(
     if runtime == "openvino" or path.suffix == IR_SUFFIX:
         return ov_session(path, threads, precision or "fp32")
     if precision not in (None, "fp32"):
-        raise DeploykitError(f"{path.name} runs on {runtime or 'its default runtime'}, which deploykit runs in its "
-                             f"file's precision only: ask for {precision} on OpenVINO.")
+        raise DeploykitError(
+            f"{path.name} runs on {runtime or 'its default runtime'}, which deploykit runs in its file's precision "
+            f"only: ask for {precision} on OpenVINO."
+        )
     if path.is_dir() and (path / "model.json").is_file():
         from deploykit.train import load_model
 
@@ -85,14 +87,14 @@ def evaluate_accuracy(
 ) -> float:
     """The pipeline's metric (`task`'s; top-1 without one) of `session` over the first `limit` (default: all)
     samples of a dataset split."""
-    from deploykit.sources.task import Task
+    from deploykit.sources.task import TOP1_CLASSIFICATION
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n < 1:
         raise DeploykitError(
             "Cannot measure accuracy on an empty dataset: use a split with samples and a limit of at least 1."
         )
-    metric = (task or Task("classification", "top-1")).accumulator()
+    metric = (task or TOP1_CLASSIFICATION).accumulator()
     for x, y in _labelled_batches(dataset, batch_size, n):
         metric.update(session.run(x), y)
     return metric.value()

@@ -188,9 +188,12 @@ def call_metric(task: Task, outputs: Tensor, targets: Tensor) -> float:
     return number
 
 
+TOP1_CLASSIFICATION = Task("classification", TOP1)  # the task of a pipeline that names none
+
+
 def task_of(bundle: Any) -> Task:
     """A DataBundle's task; top-1 classification for a bundle built without one (tests, scripts)."""
-    return getattr(bundle, "task", None) or Task("classification", TOP1)
+    return getattr(bundle, "task", None) or TOP1_CLASSIFICATION
 
 
 def build_task(settings: dict[str, Any] | TaskSettings) -> Task:

@@ -38,16 +38,14 @@ class ImportOnnxStage(Stage):
                 f"Stage '{ctx.name}' imports an ONNX model, but the pipeline's model is {source.label()}: remove the "
                 "stage, or give model: {onnx: path/to/model.onnx}."
             )
-        bundle = ctx.data()
+        bundle, path = ctx.data(), ctx.out_dir / ONNX_FILE
         # the data's sample shape is checked against the graph first, and fills any dims the file leaves open
-        info = import_onnx(source.onnx, ctx.out_dir / ONNX_FILE, source.input_layout, sample_shape=bundle.input_shape)
-        session = ort_session(ctx.out_dir / ONNX_FILE)
-        accuracy = evaluate_accuracy(session, bundle.val, task=bundle.task)
+        info = import_onnx(source.onnx, path, source.input_layout, sample_shape=bundle.input_shape)
+        accuracy = evaluate_accuracy(ort_session(path), bundle.val, task=bundle.task)
         ctx.reporter.log(
             f"imported {source.onnx.name} ({info['layout']}, opset {info['opset_before']} -> {info['opset_after']}, "
             f"batch {info['batch']}): val {ctx.pipeline.metric_name} {accuracy:.2%}"
         )
-        path = ctx.out_dir / ONNX_FILE
         stats = ModelStats(params=_param_count(path), bytes=onnx_size_bytes(path), accuracy=accuracy)
         return StageResult(
             artifacts={Role.ONNX: ONNX_FILE},

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from deploykit.data import DataBundle, clean_subset, make_loader, mixup_batch
 from deploykit.errors import DeploykitError
 from deploykit.progress import Reporter, silent
-from deploykit.sources.task import TOP1, Task, call_metric, task_of
+from deploykit.sources.task import TOP1_CLASSIFICATION, Task, call_metric, task_of
 from deploykit.train import distributed as ddp
 from deploykit.train.checkpoint import load_torch, rng_state, save_torch, set_rng_state
 from deploykit.train.config import EarlyStoppingConfig, SWAConfig, TrainConfig
@@ -502,7 +502,7 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean loss (cross-entropy, or the task's own loss) and the task's metric (top-1 by default) of `model`
     (eval mode) over `loader`."""
-    task = task or Task("classification", TOP1)
+    task = task or TOP1_CLASSIFICATION
     model.eval()
     loss_sum, count = 0.0, 0
     metric = task.accumulator()
