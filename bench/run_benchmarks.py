@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sections import marked_sections  # the sections other bench scripts own
 
-from deploykit.bench.select import SERVABLE, select_fastest
+from deploykit.bench.select import SERVABLE, ran_in, select_fastest
 from deploykit.files import atomic_write_text
 from deploykit.machine import cpu_isa, cpu_model
 from deploykit.pipeline.engine import run_pipeline
@@ -62,7 +62,7 @@ def _section(name: str, run_dir: Path) -> list[str]:
     for r in bench["results"]:
         acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
         lines.append(
-            f"| {r['artifact']}{' (deployable)' if r['deployable'] else ''} | {_runs_in(r)} | {r['batch']} | "
+            f"| {r['artifact']}{' (deployable)' if r['deployable'] else ''} | {ran_in(r)} | {r['batch']} | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
             f"{_fmt(r['throughput'], 1)} | {_fmt(r.get('speedup'))}x | {_fmt(r['size_bytes'] / 1e6)} | "
             f"{_fmt(acc, 2) + ' %' if acc is not None else 'n/a'} | {'yes' if r['stable'] else 'NO'} |"
@@ -84,7 +84,7 @@ def _section(name: str, run_dir: Path) -> list[str]:
         ]
     lines += _selection_lines(bench)
     target = LATENCY_TARGETS_MS.get(name)
-    int8 = [r for r in bench["results"] if _runs_in(r) == "int8" and r["batch"] == 1]
+    int8 = [r for r in bench["results"] if ran_in(r) == "int8" and r["batch"] == 1]
     if target and int8:
         p50 = int8[0]["p50_ms"]
         verdict = "met" if p50 <= target else "NOT met"
@@ -101,7 +101,7 @@ def _selection_lines(bench: dict) -> list[str]:
     rows = [r for r in bench["results"] if r["batch"] == pick["batch"] and r["p50_ms"]]
 
     def fastest(runs_on: str | None, precision: str) -> dict | None:
-        found = [r for r in rows if runs_on in (None, r["runs_on"]) and _runs_in(r) == precision]
+        found = [r for r in rows if runs_on in (None, r["runs_on"]) and ran_in(r) == precision]
         return min(found, key=lambda r: r["p50_ms"], default=None)
 
     lines = ["", f"Pick: {pick['artifact']} on {pick['runs_on']} ({sel.get('reason', 'the deployable model')})."]
@@ -119,34 +119,29 @@ def _selection_lines(bench: dict) -> list[str]:
     if eager:
         speedup = eager["p50_ms"] / pick["p50_ms"]
         lines.append(f"Target: pick >= 4x PyTorch eager FP32: {speedup:.2f}x, {'met' if speedup >= 4 else 'NOT met'}.")
-    if ort_fp32 and _runs_in(pick).startswith("int8"):
+    if ort_fp32 and ran_in(pick).startswith("int8"):
         speedup = ort_fp32["p50_ms"] / pick["p50_ms"]
         lines.append(f"Target: INT8 pick >= 1.9x ORT FP32: {speedup:.2f}x, {'met' if speedup >= 1.9 else 'NOT met'}.")
     return lines + _bf16_lines(bench, rows, fastest)
 
 
-def _runs_in(row: dict) -> str:
-    """The precision the runtime reported it ran in (older benchmark files: the file's)."""
-    return row.get("execution_precision") or row["precision"]
-
-
 def _bf16_lines(bench: dict, rows: list[dict], fastest: Callable[[str | None, str], dict | None]) -> list[str]:
     """Issue 18's ratios: BF16 against the fastest FP32 candidate, and the pick when INT8 is over budget."""
     bf16, fp32 = fastest(None, "bf16"), fastest(None, "fp32")
-    int8 = min((r for r in rows if _runs_in(r).startswith("int8")), key=lambda r: r["p50_ms"], default=None)
+    int8 = min((r for r in rows if ran_in(r).startswith("int8")), key=lambda r: r["p50_ms"], default=None)
     if bf16 is None:
         reason = next((s["reason"] for s in bench.get("skipped", []) if s.get("key") == "bf16"), "not measured")
         return ["", f"BF16: {reason}."]
     lines = [""]
-    servable = [r for r in rows if r["format"] in SERVABLE and not _runs_in(r).startswith("int8")]
+    servable = [r for r in rows if r["format"] in SERVABLE and not ran_in(r).startswith("int8")]
     without_int8 = select_fastest(servable, rows[0]["batch"], None) if servable else None
     if without_int8 and fp32:
         pick = without_int8["pick"]
         ratio = fp32["p50_ms"] / pick["p50_ms"]
         lines.append(
             f"Target: with INT8 over the accuracy budget (the INT8 rows left out), the pick is {pick['artifact']} "
-            f"(runs in {_runs_in(pick)}), {ratio:.2f}x the fastest FP32 candidate ({fp32['artifact']}, "
-            f"{_fmt(fp32['p50_ms'])} ms): {'met' if _runs_in(pick) == 'bf16' and ratio >= 4 else 'NOT met'} (>= 4x)."
+            f"(runs in {ran_in(pick)}), {ratio:.2f}x the fastest FP32 candidate ({fp32['artifact']}, "
+            f"{_fmt(fp32['p50_ms'])} ms): {'met' if ran_in(pick) == 'bf16' and ratio >= 4 else 'NOT met'} (>= 4x)."
         )
     if int8:
         ratio = bf16["p50_ms"] / int8["p50_ms"]

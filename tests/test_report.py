@@ -232,23 +232,28 @@ def test_report_config_validates_the_task():
         tiny_pipeline(Path("runs"), [{"stage": "report", "slo_task": "face_detection"}])
 
 
-def test_pareto_front_keeps_only_the_undominated_artifacts(tmp_path):
-    from deploykit.report.content import tradeoff_points
+def test_pareto_front_keeps_only_the_undominated_artifacts_across_precisions(tmp_path):
+    from deploykit.report.content import _pareto_blocks, tradeoff_points
     from deploykit.report.plots import plot_tradeoff
 
-    def row(name, p50, acc, mb):
-        return {"artifact": name, "p50_ms": p50, "accuracy": acc, "size_bytes": mb * 1e6}
+    def row(name, p50, acc, mb, precision="fp32", ran=None):
+        return {"artifact": name, "p50_ms": p50, "accuracy": acc, "size_bytes": mb * 1e6, "precision": precision,
+                "execution_precision": ran}  # fmt: skip
 
     rows = [
         row("torch fp32", 20.0, 0.95, 4.0),  # slower, as accurate, bigger than onnx fp32: dominated
         row("onnx fp32", 10.0, 0.95, 4.0),
-        row("onnx int8", 4.0, 0.94, 1.0),  # faster and smaller, a little less accurate: on the front
-        row("ov int8", 4.0, 0.94, 1.2),  # as fast and accurate as onnx int8 but bigger: dominated
-        {"artifact": "trt", "p50_ms": None, "accuracy": None, "size_bytes": 1},  # not measured: not a point
+        row("ov fp32 in bf16", 5.0, 0.949, 4.0, ran="bf16"),  # the same file, run in bf16: faster, a hair less
+        row("onnx int8", 4.0, 0.94, 1.0, "int8"),  # faster and smaller, a little less accurate: on the front
+        row("ov int8", 4.0, 0.94, 1.2, "int8"),  # as fast and accurate as onnx int8 but bigger: dominated
+        {"artifact": "trt", "p50_ms": None, "accuracy": None, "size_bytes": 1, "precision": "fp16"},  # not a point
     ]
     points = tradeoff_points(rows)
     assert {p.label: p.on_front for p in points} == {
-        "torch fp32": False, "onnx fp32": True, "onnx int8": True, "ov int8": False,
+        "torch fp32": False, "onnx fp32": True, "ov fp32 in bf16": True, "onnx int8": True, "ov int8": False,
     }  # fmt: skip
+    table = _pareto_blocks(points)[1]
+    assert table.headers[1] == "Runs in"
+    assert [r[1] for r in table.rows] == ["int8", "bf16", "fp32"]  # the front crosses the three precisions
     plot_tradeoff(points, tmp_path / "t.png", "P50 ms", slo_latency_ms=10.0)
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ from typing import Any
 SERVABLE = ("onnx", "openvino")  # formats a server here can run (TensorRT needs a GPU; eager torch is not served)
 
 
-def _runs_in(row: dict[str, Any]) -> str:
+def ran_in(row: dict[str, Any]) -> str:
     """The precision a row's runtime really computed in (rows from before execution precisions: the file's)."""
     return row.get("execution_precision") or row["precision"]
 
@@ -16,7 +16,7 @@ def _runs_in(row: dict[str, Any]) -> str:
 def _reference_accuracy(rows: list[dict[str, Any]]) -> float | None:
     """The best accuracy measured in FP32 arithmetic: what INT8 and BF16 candidates are held to (an FP32 file
     that OpenVINO ran in BF16 is a BF16 candidate, never the reference)."""
-    measured = [r["accuracy"] for r in rows if _runs_in(r) == "fp32" and r["accuracy"] is not None]
+    measured = [r["accuracy"] for r in rows if ran_in(r) == "fp32" and r["accuracy"] is not None]
     return max(measured) if measured else None
 
 

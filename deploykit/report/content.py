@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deploykit.artifacts import StageRecord, deployable
+from deploykit.bench.select import ran_in
 from deploykit.bench.targets import discover, tensorrt_unavailable
 from deploykit.loadtest.slo import SLO, verdict
 from deploykit.report import formatting as f
@@ -22,6 +23,7 @@ class TradeoffPoint:
     latency_ms: float
     accuracy: float
     size_mb: float
+    precision: str = "fp32"  # what the runtime said it ran in, so the front can cross precisions visibly
     on_front: bool = True
 
     def dominates(self, other: TradeoffPoint) -> bool:
@@ -454,7 +456,7 @@ def tradeoff_points(rows: list[dict[str, Any]]) -> list[TradeoffPoint]:
     """Every artifact with a measured latency and accuracy, marked whether it is on the Pareto front
     (no other point is as fast, as accurate and as small, and better in one of the three)."""
     points = [
-        TradeoffPoint(r["artifact"], r["p50_ms"], r["accuracy"], r["size_bytes"] / 1e6)
+        TradeoffPoint(r["artifact"], r["p50_ms"], r["accuracy"], r["size_bytes"] / 1e6, ran_in(r))
         for r in rows
         if None not in (r["p50_ms"], r["accuracy"])
     ]
@@ -474,8 +476,8 @@ def _pareto_blocks(points: list[TradeoffPoint]) -> list[Block]:
             "latency, accuracy and size at once by an artifact on it):"
         ),
         Table(
-            ["Artifact", "P50 ms", "Accuracy", "Size (MB)"],
-            [[p.label, f.ms(p.latency_ms), f.percent(p.accuracy), f"{p.size_mb:.2f}"] for p in front],
+            ["Artifact", "Runs in", "P50 ms", "Accuracy", "Size (MB)"],
+            [[p.label, p.precision, f.ms(p.latency_ms), f.percent(p.accuracy), f"{p.size_mb:.2f}"] for p in front],
         ),
     ]
 
