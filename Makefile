@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 TRITON_VENV ?= .venv-triton
 PERF_VENV ?= .venv-perf
 
-.PHONY: setup demo test clean
+.PHONY: setup prometheus demo test clean
 
 # torch first and pinned: an unpinned torch (or one pulled in by a dependency) brings GBs of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -33,7 +33,19 @@ $(PERF_VENV)/.installed: perf-env.txt $(TRITON_VENV)/.installed
 	cp $(TRITON_VENV)/lib/python3*/site-packages/nvidia_pytriton.libs/libb64-*.so.0d $(PERF_VENV)/deploykit-libs/libb64.so.0d
 	touch $@
 
-setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(PERF_VENV)/.installed
+# Prometheus and promtool for the alerting tests (tests/test_alerting.py): Debian's package, when we are root with
+# apt-get; otherwise one line says those tests skip. Never fails setup. The package may start its service: a
+# prometheus left listening on its default port 9090 is stopped, since tests bind their own ports.
+prometheus:
+	@if command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus; } >/dev/null 2>&1 || echo "prometheus: apt-get install failed; the alerting tests will be skipped"; \
+	  pids=$$(ss -ltnpH 'sport = :9090' 2>/dev/null | grep -o '"prometheus",pid=[0-9]*' | cut -d= -f2); \
+	  [ -z "$$pids" ] || kill $$pids; \
+	else echo "prometheus: promtool not found and cannot apt-get install it (needs root); the alerting tests will be skipped"; fi
+
+setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(PERF_VENV)/.installed prometheus
 
 demo: setup
 	$(BIN)/deploykit optimize -c pipelines/quickstart.yaml

@@ -19,10 +19,10 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
 
-    The file ends up with the mode open() would give a new file (0o666 minus the umask).
+    The file ends up with `mode`, or else the mode open() would give a new file (0o666 minus the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,14 +33,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
-        tmp_path.chmod(0o666 & ~_UMASK)
+        tmp_path.chmod(0o666 & ~_UMASK if mode is None else mode)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
 
 

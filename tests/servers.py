@@ -12,6 +12,7 @@ import torch
 
 from deploykit.package.torchserve_archive import write_torchserve_archive
 from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
+from deploykit.serve.access import ServerAccess
 from deploykit.serve.process import free_ports_on
 from deploykit.serve.server import Server, free_ports, make_server
 from deploykit.serve.triton import TritonServer, find_triton
@@ -82,17 +83,21 @@ def serving(server: Server, onnx: Path) -> Iterator[Served]:
 
 
 @contextmanager
-def triton_with_tiny(tmp: Path, **options) -> Iterator[Served]:
+def triton_with_tiny(tmp: Path, access: ServerAccess | None = None, **options) -> Iterator[Served]:
     onnx = export_tiny(tmp / "tiny.onnx")
     write_triton_model(tmp / "repo", NAME, onnx, portable_options(**options))
-    with serving(make_server("triton", tmp / "repo", ports=free_ports("triton"), log_dir=tmp), onnx) as served:
+    server = make_server("triton", tmp / "repo", ports=free_ports("triton"), log_dir=tmp, access=access)
+    with serving(server, onnx) as served:
         yield served
 
 
 @contextmanager
 def torchserve_with_tiny(tmp: Path) -> Iterator[Served]:
+    from deploykit.serve.access import client_environment
+
     onnx = export_tiny(tmp / "tiny.onnx")
     write_torchserve_archive(onnx, tmp / "store", NAME, batch_size=4, max_batch_delay_ms=5, threads=1)
     server = make_server("torchserve", tmp / "store", ports=free_ports("torchserve"), log_dir=tmp / "logs")
-    with serving(server, onnx) as served:
+    # Its token authorization is on: clients (and locust, their child) find its keys as users' do, in the environment.
+    with client_environment(server.client_env()), serving(server, onnx) as served:
         yield served

@@ -18,7 +18,9 @@ def deployed(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     stages = [
         {"stage": "export"},
-        {"stage": "deploy", "users": [1, 2], "duration_s": 4, "slo": {"max_latency_ms": 100.0, "min_throughput": 5.0}},
+        # restricted, as an exposed server is: every check and the locust users must send the stage's fresh key
+        {"stage": "deploy", "users": [1, 2], "duration_s": 4, "slo": {"max_latency_ms": 100.0, "min_throughput": 5.0},
+         "restrict": True},
         {"stage": "report"},
     ]
     outcomes = run_pipeline(tiny_pipeline(runs, stages))
@@ -77,6 +79,7 @@ def test_deploy_tunes_then_serves_the_tuned_config_judged_by_perf_analyzer(tmp_p
     deploy = {
         "stage": "deploy", "tune": True, "tune_budget_s": 6, "client": "perf_analyzer", "users": [2],
         "duration_s": 3, "slo": {"max_latency_ms": 1000.0, "min_throughput": 1.0},
+        "restrict": True,  # perf_analyzer sends the key too
     }  # fmt: skip
     m = run_pipeline(tiny_pipeline(tmp_path, [{"stage": "export"}, deploy]))[-1].metrics
     assert m["passed"], m["checks_failed"]

@@ -11,19 +11,42 @@ import yaml
 
 from deploykit.errors import DeploykitError
 from deploykit.package.k8s import k8s_manifests, k8s_name, write_k8s
+from deploykit.serve.access import CONTROL_APIS, HEADER, INFERENCE_APIS
 
 K8S_VERSION = "1.30.0"  # a release still widely run; the schemas ship inside kubernetes-validate
 DNS_1123 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
+FAKE_KEY = "fake-admin-key-0123456789abcdef"
+CREATE_SECRET = "kubectl create secret generic deploykit-admin-key --from-file=key=/dev/stdin"
 
 
 def by_kind(manifests):
     return {m["kind"]: m for m in manifests}
 
 
-@pytest.mark.parametrize("gpus", [0, 1])
-def test_manifests_pass_strict_schema_validation(gpus):
-    for manifest in k8s_manifests("digits", "registry.example/deploykit:1.0", gpus=gpus):
+def container_of(manifests):
+    return by_kind(manifests)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def restriction_flags(apis):
+    value = f"{','.join(apis)}:{HEADER}=$(DEPLOYKIT_KEY)"
+    return [f"--http-restricted-api={value}", f"--grpc-restricted-protocol={value}"]
+
+
+def rule_sources(policy):
+    """{port: the namespaces admitted to it, or None for anywhere}."""
+    return {
+        port["port"]: [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]] if "from" in rule else None
+        for rule in policy["spec"]["ingress"]
+        for port in rule["ports"]
+    }
+
+
+@pytest.mark.parametrize("options", [{"gpus": 0}, {"gpus": 1, "restrict_inference": True}])
+def test_manifests_pass_strict_schema_validation(options):
+    manifests = k8s_manifests("digits", "registry.example/deploykit:1.0", **options)
+    assert [m["kind"] for m in manifests] == ["Deployment", "Service", "HorizontalPodAutoscaler", "NetworkPolicy"]
+    for manifest in manifests:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
@@ -71,6 +94,57 @@ def test_deployment_runs_triton_with_probes_resources_and_metrics():
     }
 
 
+def test_triton_reads_the_admin_key_from_the_secret():
+    container = container_of(k8s_manifests("digits", "img:1", secret_name="prod-triton-key", secret_key="admin"))
+    assert container["args"][-2:] == restriction_flags(CONTROL_APIS)  # kubelet expands $(DEPLOYKIT_KEY) in args
+    assert container["env"] == [
+        {"name": "DEPLOYKIT_KEY", "valueFrom": {"secretKeyRef": {"name": "prod-triton-key", "key": "admin"}}}
+    ]
+    assert "command" not in container  # args run through the image's entrypoint, no shell needed for the expansion
+
+
+def test_restrict_inference_adds_inference_and_metadata():
+    container = container_of(k8s_manifests("digits", "img:1", restrict_inference=True))
+    assert container["args"][-2:] == restriction_flags(CONTROL_APIS + INFERENCE_APIS)
+    assert INFERENCE_APIS == ("inference", "metadata")
+
+
+@pytest.mark.parametrize("restrict_inference", [False, True])
+def test_health_probes_stay_on_open_endpoints(restrict_inference):
+    container = container_of(k8s_manifests("digits", "img:1", restrict_inference=restrict_inference))
+    probes = [container[probe]["httpGet"]["path"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")]
+    assert probes == ["/v2/health/live", "/v2/health/live", "/v2/health/ready"]
+    restricted = container["args"][-1].split("=", 1)[1].split(":")[0].split(",")
+    assert "health" not in restricted
+
+
+def test_network_policy_admits_metrics_only_from_the_monitoring_namespace():
+    objects = by_kind(k8s_manifests("digits", "img:1", metrics_port=9102, monitoring_namespace="observability"))
+    policy = objects["NetworkPolicy"]
+    assert policy["metadata"]["name"] == "triton-digits"
+    assert policy["spec"]["podSelector"]["matchLabels"] == objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert rule_sources(policy) == {
+        8000: None,
+        8001: None,
+        9102: [{"kubernetes.io/metadata.name": "observability"}],
+    }
+    assert rule_sources(by_kind(k8s_manifests("digits", "img:1"))["NetworkPolicy"])[8002] == [
+        {"kubernetes.io/metadata.name": "monitoring"}
+    ]
+
+
+def test_no_manifest_holds_the_key(tmp_path, monkeypatch):
+    key_file = tmp_path / "deploykit-admin.key"
+    key_file.write_text(FAKE_KEY + "\n")
+    key_file.chmod(0o600)
+    monkeypatch.setenv("DEPLOYKIT_KEY", FAKE_KEY)
+    monkeypatch.setenv("DEPLOYKIT_KEY_FILE", str(key_file))
+    text = write_k8s(tmp_path / "deploy", k8s_manifests("digits", "img:1", restrict_inference=True)).read_text()
+    assert FAKE_KEY not in text and "$(DEPLOYKIT_KEY)" in text
+    assert "kind: Secret" not in text
+
+
 def test_autoscaler_targets_the_deployment_on_cpu():
     hpa = by_kind(
         k8s_manifests("digits", "img:1", min_replicas=2, replicas=2, max_replicas=6, target_cpu_utilization=60)
@@ -104,6 +178,9 @@ def test_object_names_are_dns_labels(name):
         ({"grpc_port": 8000}, "three different numbers"),
         ({"replicas": 5}, "max_replicas"),
         ({"target_cpu_utilization": 0}, "percentage"),
+        ({"secret_name": "Admin_Key"}, "Secret name 'Admin_Key' is not a valid Kubernetes name"),
+        ({"secret_key": "a key"}, "Secret key 'a key' is not a valid Kubernetes name"),
+        ({"monitoring_namespace": "Monitoring"}, "Namespace 'Monitoring' is not a valid Kubernetes name"),
     ],
 )
 def test_bad_options_raise_one_clear_error(kwargs, message):
@@ -120,6 +197,14 @@ def test_write_k8s_is_one_multi_document_file(tmp_path):
     assert list(yaml.safe_load_all(text)) == manifests
     assert "&id" not in text and "*id" not in text  # every object spelled out, no YAML aliases
     assert [p.name for p in path.parent.iterdir()] == ["k8s.yaml"]
+    header = text.split("apiVersion:", 1)[0]
+    assert header.startswith("# ") and f"tr -d '\\n' < deploykit-admin.key | {CREATE_SECRET}" in header
+
+
+def test_write_k8s_names_the_secret_it_reads(tmp_path):
+    text = write_k8s(tmp_path, k8s_manifests("digits", "img:1", secret_name="prod-key", secret_key="k")).read_text()
+    assert "kubectl create secret generic prod-key --from-file=k=/dev/stdin" in text
+    assert text.count("kubectl create secret") == 1
 
 
 # ---- Dockerfile -----------------------------------------------------------------------------------

@@ -4,17 +4,19 @@ import copy
 import json
 from importlib.resources import files
 
+import kubernetes_validate
 import pytest
 import yaml
 from jsonschema import Draft202012Validator
-from test_k8s import dockerfile_instructions
+from test_k8s import CREATE_SECRET, FAKE_KEY, K8S_VERSION, dockerfile_instructions, restriction_flags, rule_sources
 from test_triton_repo import tiny_onnx
 from typer.testing import CliRunner
 
 from deploykit.cli import app
 from deploykit.errors import DeploykitError
-from deploykit.package.kserve import TRITON_IMAGE, kserve_inference_service, write_kserve
+from deploykit.package.kserve import TRITON_IMAGE, kserve_inference_service, kserve_network_policy, write_kserve
 from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
+from deploykit.serve.access import CONTROL_APIS, INFERENCE_APIS
 
 SCHEMA = json.loads(
     files("deploykit.package").joinpath("schemas/kserve-v1beta1-inferenceservice.schema.json").read_text()
@@ -72,7 +74,10 @@ def test_schema_accepts_kserves_documented_triton_service():
     assert errors(yaml.safe_load(DOCS_TRITON)) == []
 
 
-@pytest.mark.parametrize("options", [{}, {"gpus": 1, "min_replicas": 0, "cpu": "500m", "memory": "1Gi"}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"gpus": 1, "min_replicas": 0, "cpu": "500m", "memory": "1Gi", "restrict_inference": True}],
+)
 def test_manifest_passes_the_kserve_schema(options):
     assert errors(kserve_inference_service("digits", URI, **options)) == []
 
@@ -127,18 +132,53 @@ def test_manifest_serves_the_repository_with_triton_over_v2():
     assert manifest["metadata"]["name"] == "triton-my-model-v2"
     predictor = manifest["spec"]["predictor"]
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (0, 3)
-    assert predictor["model"] | {"resources": None} == {
+    assert predictor["model"] | {"resources": None, "args": None, "env": None} == {
         "modelFormat": {"name": "triton"},
         "protocolVersion": "v2",
         "runtime": "kserve-tritonserver",
         "runtimeVersion": "24.10-py3",
         "storageUri": "gs://bucket/repo",
         "resources": None,
+        "args": None,
+        "env": None,
     }
     assert predictor["model"]["resources"] == {
         "requests": {"cpu": "2", "memory": "4Gi"},
         "limits": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": 1},
     }
+
+
+def test_triton_reads_the_admin_key_from_the_secret():
+    model = _model(kserve_inference_service("digits", URI, secret_name="prod-triton-key", secret_key="admin"))
+    # KServe appends the model's args to the runtime's `tritonserver --model-store=/mnt/models ...`
+    assert model["args"] == restriction_flags(CONTROL_APIS)
+    assert model["env"] == [
+        {"name": "DEPLOYKIT_KEY", "valueFrom": {"secretKeyRef": {"name": "prod-triton-key", "key": "admin"}}}
+    ]
+    assert "command" not in model  # the runtime's command stays; kubelet expands $(DEPLOYKIT_KEY) in args
+
+
+def test_restrict_inference_adds_inference_and_metadata():
+    model = _model(kserve_inference_service("digits", URI, restrict_inference=True))
+    assert model["args"] == restriction_flags(CONTROL_APIS + INFERENCE_APIS)
+
+
+def test_network_policy_selects_the_predictor_and_admits_metrics_only_from_monitoring():
+    service = kserve_inference_service("My_Model.v2", URI)
+    policy = kserve_network_policy(service, monitoring_namespace="observability")
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    assert policy["metadata"]["name"] == "triton-my-model-v2"
+    selector = {"serving.kserve.io/inferenceservice": "triton-my-model-v2"}  # the label KServe puts on its pods
+    assert policy["spec"]["podSelector"] == {"matchLabels": selector}
+    assert rule_sources(policy) == {
+        8080: None,  # the runtime's HTTP and gRPC ports, and Knative queue-proxy's, which fronts them
+        9000: None,
+        8012: None,
+        8013: None,
+        8002: [{"kubernetes.io/metadata.name": "observability"}],
+        9090: [{"kubernetes.io/metadata.name": "knative-serving"}],
+    }
+    assert rule_sources(kserve_network_policy(service))[8002] == [{"kubernetes.io/metadata.name": "monitoring"}]
 
 
 @pytest.mark.parametrize(
@@ -154,6 +194,7 @@ def test_manifest_serves_the_repository_with_triton_over_v2():
         ({"name": "x" * 41}, "longer than 47 characters"),  # leaves room for '-predictor-00001'
         ({"cpu": "2 cores"}, "not a Kubernetes quantity"),
         ({"gpus": -1}, "gpus"),
+        ({"secret_name": "Admin_Key"}, "Secret name 'Admin_Key' is not a valid Kubernetes name"),
     ],
 )
 def test_bad_options_raise_one_clear_error(kwargs, message):
@@ -163,12 +204,28 @@ def test_bad_options_raise_one_clear_error(kwargs, message):
     assert str(caught.value).endswith(".") and "\n" not in str(caught.value)
 
 
-def test_write_kserve_is_one_yaml_document(tmp_path):
+def test_bad_monitoring_namespace_raises_one_clear_error():
+    with pytest.raises(DeploykitError, match="Namespace 'Monitoring' is not a valid Kubernetes name"):
+        kserve_network_policy(kserve_inference_service("digits", URI), monitoring_namespace="Monitoring")
+
+
+def test_write_kserve_writes_the_service_and_its_network_policy(tmp_path):
     manifest = kserve_inference_service("digits", URI)
     path = write_kserve(tmp_path / "deploy", manifest)
     assert path == tmp_path / "deploy" / "kserve.yaml"
-    assert yaml.safe_load(path.read_text()) == manifest
+    text = path.read_text()
+    assert list(yaml.safe_load_all(text)) == [manifest, kserve_network_policy(manifest)]
+    assert f"tr -d '\\n' < deploykit-admin.key | {CREATE_SECRET}" in text.split("apiVersion:", 1)[0]
     assert [p.name for p in path.parent.iterdir()] == ["kserve.yaml"]
+    policy = kserve_network_policy(manifest, monitoring_namespace="observability")
+    assert list(yaml.safe_load_all(write_kserve(tmp_path, manifest, policy).read_text()))[1] == policy
+
+
+def test_no_manifest_holds_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPLOYKIT_KEY", FAKE_KEY)
+    text = write_kserve(tmp_path, kserve_inference_service("digits", URI, restrict_inference=True)).read_text()
+    assert FAKE_KEY not in text and "$(DEPLOYKIT_KEY)" in text
+    assert "kind: Secret" not in text
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
@@ -182,8 +239,8 @@ def _package(tmp_path, *extra):
 def test_cli_writes_kserve_yaml_beside_the_repository(tmp_path):
     result = _package(tmp_path, "--flavour", "native", "--kserve", "--storage-uri", URI)
     assert result.exit_code == 0, result.output
-    manifest = yaml.safe_load((tmp_path / "kserve.yaml").read_text())
-    assert errors(manifest) == []
+    manifest, policy = yaml.safe_load_all((tmp_path / "kserve.yaml").read_text())
+    assert errors(manifest) == [] and policy["kind"] == "NetworkPolicy"
     assert _model(manifest)["storageUri"] == URI and manifest["metadata"]["name"] == "triton-digits"
     assert f"kserve: {tmp_path / 'kserve.yaml'}" in " ".join(result.stdout.split())
     assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").is_file()

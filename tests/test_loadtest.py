@@ -19,6 +19,7 @@ from deploykit.loadtest import runner
 from deploykit.loadtest.metrics import parse, torchserve_split, triton_split
 from deploykit.loadtest.runner import levels_table, run_loadtest, run_locust, summarize_timings, verdict_table
 from deploykit.loadtest.slo import custom_slo, get_slo, verdict
+from deploykit.serve.access import KEY_ENV, KEY_FILE_ENV, TORCHSERVE_KEY_FILE_ENV
 from deploykit.serve.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +137,8 @@ def test_loadtest_writes_results_plot_and_a_failing_verdict(triton, tmp_path):
     )
     saved = json.loads((tmp_path / "loadtest.json").read_text())
     assert saved == json.loads(json.dumps(result, default=str))
-    assert set(saved) == {"model", "url", "engine", "protocol", "settings", "machine", "levels", "verdict"}
+    assert set(saved) == {"model", "url", "engine", "protocol", "inputs", "settings", "machine", "levels", "verdict"}
+    assert saved["inputs"] == "zeros (no samples given)"  # never made-up data a model may refuse
     assert [level["users"] for level in saved["levels"]] == [1, 2]  # sorted, the highest judged
     assert all(level["server"]["requests"] > 0 for level in saved["levels"])
     assert saved["machine"]["cores"] == os.cpu_count() and saved["settings"]["users"] == [1, 2]
@@ -153,6 +155,7 @@ def test_loadtest_writes_results_plot_and_a_failing_verdict(triton, tmp_path):
     console.print(levels_table(result))
     text = console.export_text()
     assert "SLO image_classification at 2 users: FAIL" in text and "latency P95" in text
+    assert "inputs: zeros (no samples given)" in text
     assert f"{saved['levels'][0]['p50_ms']:.2f}" in text
 
 
@@ -184,7 +187,8 @@ def test_summary_leaves_out_the_warm_up_and_failed_requests_latencies():
 def _locust_list(**env: str) -> subprocess.CompletedProcess:
     """`locust --list` on the standalone locustfile: which user classes the settings select."""
     argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"), "--list"]
-    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False)
+    ambient = {k: v for k, v in os.environ.items() if k not in (KEY_ENV, KEY_FILE_ENV, TORCHSERVE_KEY_FILE_ENV)}  # fixtures' keys
+    return subprocess.run(argv, env={**ambient, **env}, capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.mark.parametrize(
@@ -204,6 +208,8 @@ def test_standalone_locustfile_refuses_bad_settings():
     assert out.returncode == 1 and "Protocol 'kserve' is not one triton speaks here" in out.stderr
     out = _locust_list(DEPLOYKIT_ENGINE="torchserve", DEPLOYKIT_PROTOCOL="grpc", DEPLOYKIT_MODEL="tiny")
     assert out.returncode == 1 and "Protocol 'grpc' is not one torchserve speaks here" in out.stderr
+    out = _locust_list(DEPLOYKIT_MODEL="tiny", DEPLOYKIT_KEY="short")  # a key no header could carry
+    assert out.returncode == 1 and "The key in $DEPLOYKIT_KEY is not 16-512 characters" in out.stderr
 
 
 def test_a_locust_past_its_time_limit_is_stopped(triton, tmp_path, monkeypatch):

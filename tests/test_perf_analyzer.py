@@ -18,6 +18,7 @@ from servers import SAMPLE
 from deploykit.errors import DeploykitError
 from deploykit.loadtest import perf_analyzer as pa
 from deploykit.loadtest.slo import get_slo
+from deploykit.serve.access import KEY_ENV, KEY_FILE_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, client_access
 
 # Two levels as perf_analyzer 2.51 writes them with --percentile=95 (every value but throughput in microseconds).
 CSV = """\
@@ -98,6 +99,29 @@ def test_a_missing_binary_or_a_wrapper_script_names_the_fix(tmp_path, monkeypatc
         pa.find_perf_analyzer()
 
 
+def test_the_key_and_grpc_tls_come_from_the_environment_and_the_key_never_shows(monkeypatch, tmp_path):
+    for var in (KEY_ENV, KEY_FILE_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV):
+        monkeypatch.delenv(var, raising=False)
+    assert pa.access_args(client_access(), "grpc") == []  # an open server: nothing added
+    key = "k" * 20
+    monkeypatch.setenv(KEY_ENV, key)
+    monkeypatch.setenv(TLS_CA_ENV, str(tmp_path / "ca.pem"))
+    access = client_access()
+    assert pa.access_args(access, "http") == ["-H", f"deploykit-key:{key}"]  # TLS is gRPC's only
+    assert pa.access_args(access, "grpc") == [
+        "-H", f"triton-grpc-protocol-deploykit-key:{key}",  # the name Triton 2.51 checks gRPC metadata for
+        "--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={tmp_path / 'ca.pem'}",
+    ]  # fmt: skip
+    monkeypatch.setenv(TLS_CERT_ENV, str(tmp_path / "client.pem"))
+    monkeypatch.setenv(TLS_KEY_ENV, str(tmp_path / "client.key"))
+    assert pa.access_args(client_access(), "grpc")[-2:] == [
+        f"--ssl-grpc-certificate-chain-file={tmp_path / 'client.pem'}",
+        f"--ssl-grpc-private-key-file={tmp_path / 'client.key'}",
+    ]
+    shown = pa.masked(f"$ perf_analyzer -H deploykit-key:{key} -m tiny", access)
+    assert shown == "$ perf_analyzer -H deploykit-key:*** -m tiny"
+
+
 # ---- against the real server ------------------------------------------------------------------------------
 
 
@@ -127,6 +151,25 @@ def test_input_data_holds_the_samples_as_the_model_s_input(binary, triton, sampl
     np.save(wrong, np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(DeploykitError, match=r"shape \(3, 4, 4\).*'tiny' takes \(3, 8, 8\)"):
         pa.write_input_data(triton.http_url, triton.model, wrong, tmp_path / "wrong.json")
+
+
+def test_without_samples_it_sends_zeros_and_the_model_refuses_none(binary, triton, tmp_path):
+    """perf_analyzer's own default, random bytes, is NaN/Inf as FP32, which the portable model refuses."""
+    from deploykit.loadtest.metrics import scrape, total
+
+    def count(name: str) -> float:
+        values = scrape(triton.metrics_url)
+        assert any(k.startswith(f"{name}{{") for k in values), name  # the series exists: a 0 below means 0
+        return total(values, name, {"model": triton.model})
+
+    failures, successes = count("nv_inference_request_failure"), count("nv_inference_request_success")
+    result = pa.perf_loadtest(
+        triton.http_url, triton.model, users=1, out_dir=tmp_path, duration_s=1.5, stability_percentage=50.0
+    )
+    assert count("nv_inference_request_failure") == failures and count("nv_inference_request_success") > successes
+    assert result["inputs"] == "zeros (no samples given)"
+    assert "--input-data zero " in (tmp_path / pa.LOG_NAME).read_text()
+    assert json.loads((tmp_path / pa.JSON_NAME).read_text())["settings"]["input_data"] == "zero"
 
 
 def test_http_sweep_of_two_levels_with_real_samples(binary, triton, samples, tmp_path):
@@ -197,6 +240,7 @@ def test_cli_loadtest_with_perf_analyzer_prints_levels_and_judges(triton, tmp_pa
     result = CliRunner().invoke(app, [*args, "--slo", "image_classification", "--max-latency-ms", "0.001"])
     assert result.exit_code == 1, result.output  # a breach of an impossible target exits 1
     assert "(perf_analyzer)" in result.output and "FAIL" in result.output
+    assert "inputs: zeros" in result.output  # no --samples: zeros, and the console says so
     saved = json.loads((out / "perf_analyzer.json").read_text())
     assert [level["users"] for level in saved["levels"]] == [1, 2] and (out / "perf_analyzer.csv").is_file()
     refused = CliRunner().invoke(app, [*common, "--engine", "torchserve", "--out", str(out)])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -179,11 +181,13 @@ def test_missing_repository_and_missing_server_are_one_sentence(tmp_path, monkey
 
 
 def test_cli_serve_prints_endpoints_and_stops_on_sigterm_without_orphans(tmp_path):
-    repo = tmp_path / "repo"
+    """Here also restricted on loopback: the key file is written 0600, the server's own status call uses it, and a
+    caller without it cannot unload the model."""
+    repo, key = tmp_path / "repo", tmp_path / "admin.key"
     write_triton_model(repo, NAME, export_tiny(tmp_path / "m.onnx"), portable_options())
     http, grpc, metrics = ports()
     cmd = [sys.executable, "-m", "deploykit", "serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
-           "--metrics-port", str(metrics)]  # fmt: skip
+           "--metrics-port", str(metrics), "--restrict", "--admin-key-file", str(key)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -193,6 +197,10 @@ def test_cli_serve_prints_endpoints_and_stops_on_sigterm_without_orphans(tmp_pat
             )
             time.sleep(0.2)
         time.sleep(0.5)  # the endpoint table is printed right after readiness
+        unload = urllib.request.Request(f"http://127.0.0.1:{http}/v2/repository/models/{NAME}/unload", data=b"{}")
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(unload, timeout=10)
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -200,7 +208,7 @@ def test_cli_serve_prints_endpoints_and_stops_on_sigterm_without_orphans(tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert f"http://127.0.0.1:{http}" in out and f"127.0.0.1:{grpc}" in out and f":{metrics}/metrics" in out
-    assert "READY" in out
+    assert "READY" in out and f"Admin key written to {key}" in out and "DEPLOYKIT_KEY_FILE" in out
     assert http_status(f"http://127.0.0.1:{http}/v2/health/live") is None
     leftovers = subprocess.run(["pgrep", "-f", f"--http-port={http}"], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
+import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -24,8 +27,12 @@ from deploykit.errors import DeploykitError
 from deploykit.package import torchserve_handler
 from deploykit.package.torchserve_archive import write_config_properties, write_torchserve_archive
 from deploykit.serve import torchserve
+from deploykit.serve.access import torchserve_keys
+from deploykit.serve.oip import OipClient
 from deploykit.serve.process import free_ports_on, http_status
 from deploykit.serve.torchserve import TorchServeServer
+
+TOKEN_REFUSED = 400  # what TorchServe 0.12 answers a missing or wrong token with (InvalidKeyException), not 401
 
 
 def _ports() -> dict[str, int]:
@@ -37,13 +44,20 @@ def _body(x: np.ndarray, **override) -> bytes:
     return json.dumps({"inputs": [tensor]}).encode()
 
 
-def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+def _post(url: str, body: bytes, key: dict[str, str], content_type: str = "application/json") -> tuple[int, dict]:
+    return _call(urllib.request.Request(url, data=body, headers={"Content-Type": content_type, **key}))
+
+
+def _call(request: urllib.request.Request) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def _bearer(server: TorchServeServer, kind: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {torchserve_keys(server.key_file)[kind]}"}
 
 
 def _group_members(pgid: int) -> list[str]:
@@ -89,6 +103,12 @@ def server(store, tmp_path_factory):
     ts.stop()
 
 
+@pytest.fixture(scope="module")
+def key(server) -> dict[str, str]:
+    """The header that lets a prediction in: TorchServe 0.12's token authorization is on."""
+    return _bearer(server, "inference")
+
+
 def test_archive_is_a_mar_with_the_handler_and_settings(store):
     mar = store / f"{NAME}.mar"
     with zipfile.ZipFile(mar) as z:
@@ -106,6 +126,7 @@ def test_archive_is_a_mar_with_the_handler_and_settings(store):
 def test_config_properties_serves_the_store_on_loopback_with_prometheus(server, store):
     props = dict(line.split("=", 1) for line in (store / "config.properties").read_text().splitlines())
     assert props["metrics_mode"] == "prometheus"
+    assert "disable_token_authorization" not in props  # TorchServe's token authorization stays on
     assert props["inference_address"] == f"http://127.0.0.1:{server.ports['inference']}"
     assert props["management_address"] == f"http://127.0.0.1:{server.ports['management']}"
     assert props["metrics_address"] == f"http://127.0.0.1:{server.ports['metrics']}"
@@ -121,14 +142,17 @@ def test_config_properties_serves_the_store_on_loopback_with_prometheus(server, 
     assert server.endpoints["metrics"] == f"http://127.0.0.1:{server.ports['metrics']}/metrics"
 
 
-def test_ping_answers(server):
-    assert http_status(f"{server.endpoints['inference']}/ping") == 200
+def test_ping_answers_with_the_inference_key(server, key):
+    ping = f"{server.endpoints['inference']}/ping"
+    assert _call(urllib.request.Request(ping, headers=key)) == (200, {"status": "Healthy"})
+    assert http_status(ping) == TOKEN_REFUSED  # even health wants the key in 0.12; metrics do not
+    assert http_status(server.endpoints["metrics"]) == 200
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_predictions_equal_onnxruntime(server, offline, batch):
+def test_predictions_equal_onnxruntime(server, key, offline, batch):
     x = np.random.default_rng(batch).standard_normal((batch, *SAMPLE), dtype=np.float32)
-    status, reply = _post(f"{server.endpoints['inference']}/predictions/{NAME}", _body(x))
+    status, reply = _post(f"{server.endpoints['inference']}/predictions/{NAME}", _body(x), key)
     assert status == 200, reply
     (out,) = reply["outputs"]
     assert (reply["model_name"], out["name"], out["datatype"], out["shape"]) == (
@@ -140,12 +164,12 @@ def test_predictions_equal_onnxruntime(server, offline, batch):
     np.testing.assert_allclose(np.reshape(out["data"], out["shape"]), offline(x), atol=1e-5, rtol=0)
 
 
-def test_concurrent_requests_are_answered_and_counted(server, offline):
+def test_concurrent_requests_are_answered_and_counted(server, key, offline):
     url = f"{server.endpoints['inference']}/predictions/{NAME}"
     before = _inference_requests(server.endpoints["metrics"])
     inputs = [np.random.default_rng(i).standard_normal((1 + i % 3, *SAMPLE), dtype=np.float32) for i in range(16)]
     with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda x: _post(url, _body(x)), inputs))
+        replies = list(pool.map(lambda x: _post(url, _body(x), key), inputs))
     for x, (status, reply) in zip(inputs, replies):
         assert status == 200, reply
         np.testing.assert_allclose(
@@ -164,17 +188,17 @@ def test_concurrent_requests_are_answered_and_counted(server, offline):
         (_body(np.zeros((2, *SAMPLE), np.float32), shape=[3, *SAMPLE]), "has 384 values"),
     ],
 )
-def test_malformed_request_gets_400_and_server_stays_up(server, body, says):
-    status, reply = _post(f"{server.endpoints['inference']}/predictions/{NAME}", body)
+def test_malformed_request_gets_400_and_server_stays_up(server, key, body, says):
+    status, reply = _post(f"{server.endpoints['inference']}/predictions/{NAME}", body, key)
     assert status == 400
     assert says in reply["error"]
-    assert http_status(f"{server.endpoints['inference']}/ping") == 200
+    assert _call(urllib.request.Request(f"{server.endpoints['inference']}/ping", headers=key))[0] == 200
 
 
-def test_form_encoded_post_is_told_to_send_json(server):
+def test_form_encoded_post_is_told_to_send_json(server, key):
     body = _body(np.zeros((1, *SAMPLE), np.float32))
     status, reply = _post(
-        f"{server.endpoints['inference']}/predictions/{NAME}", body, "application/x-www-form-urlencoded"
+        f"{server.endpoints['inference']}/predictions/{NAME}", body, key, "application/x-www-form-urlencoded"
     )
     assert (status, reply["error"]) == (
         400,
@@ -182,17 +206,67 @@ def test_form_encoded_post_is_told_to_send_json(server):
     )
 
 
-def test_bad_request_does_not_fail_good_ones_in_its_batch(server, offline):
+def test_bad_request_does_not_fail_good_ones_in_its_batch(server, key, offline):
     """Good and bad requests sent together (TorchServe batches them within 20 ms) each get their own answer."""
     url = f"{server.endpoints['inference']}/predictions/{NAME}"
     good = np.random.default_rng(7).standard_normal((2, *SAMPLE), dtype=np.float32)
     bodies = [_body(good), b"{not json", _body(good), _body(good, datatype="FP16")] * 2
     with ThreadPoolExecutor(len(bodies)) as pool:
-        replies = list(pool.map(lambda b: _post(url, b), bodies))
+        replies = list(pool.map(lambda b: _post(url, b, key), bodies))
     assert [status for status, _ in replies] == [200, 400, 200, 400] * 2
     for status, reply in replies:
         if status == 200:
             np.testing.assert_allclose(np.reshape(reply["outputs"][0]["data"], (2, CLASSES)), offline(good), atol=1e-5)
+
+
+def test_keys_are_private_and_named_for_clients(server):
+    assert server.key_file == server.log_path.parent / "keys" / "key_file.json"
+    assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(server.key_file.parent.stat().st_mode) == 0o700
+    assert server.client_env() == {"DEPLOYKIT_TORCHSERVE_KEY_FILE": str(server.key_file)}
+    keys = torchserve_keys(server.key_file)
+    assert keys["inference"] != keys["management"]
+    raw = json.loads(server.key_file.read_text())  # TorchServe's own format: a key and its expiry per API
+    assert set(raw) == {"inference", "management", "API"} and "expiration time" in raw["inference"]
+    expires = dt.datetime.fromisoformat(raw["inference"]["expiration time"][:19])
+    assert expires - dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) > dt.timedelta(days=300)  # not 60 min
+
+
+def test_management_api_wants_the_management_key(server, key, offline):
+    models = f"{server.endpoints['management']}/models"
+    for headers in ({}, key, {"Authorization": "Bearer wrong"}):
+        status, reply = _call(urllib.request.Request(models, headers=headers))
+        assert (status, reply["type"]) == (TOKEN_REFUSED, "InvalidKeyException")
+    status, reply = _call(urllib.request.Request(f"{models}/{NAME}", method="DELETE"))
+    assert (status, reply["type"]) == (TOKEN_REFUSED, "InvalidKeyException")
+    assert _call(urllib.request.Request(models, headers=_bearer(server, "management"))) == (
+        200,
+        {"models": [{"modelName": NAME, "modelUrl": f"{NAME}.mar"}]},
+    )
+    # With the key, unregistering is still refused: TorchServe 0.12 turns its model API off by default.
+    deleted = urllib.request.Request(f"{models}/{NAME}", method="DELETE", headers=_bearer(server, "management"))
+    assert _call(deleted)[0] == 405
+    assert server.failed_models() == {}  # deploykit's own polling sends the management key
+    x = np.ones((1, *SAMPLE), np.float32)
+    status, reply = _post(f"{server.endpoints['inference']}/predictions/{NAME}", _body(x), key)
+    assert status == 200  # the model kept serving
+    np.testing.assert_allclose(np.reshape(reply["outputs"][0]["data"], (1, CLASSES)), offline(x), atol=1e-5, rtol=0)
+
+
+def test_inference_wants_the_inference_key(server, offline, monkeypatch):
+    url = f"{server.endpoints['inference']}/predictions/{NAME}"
+    x = np.random.default_rng(5).standard_normal((2, *SAMPLE), dtype=np.float32)
+    for headers in ({}, _bearer(server, "management")):
+        status, reply = _post(url, _body(x), headers)
+        assert (status, reply["type"]) == (TOKEN_REFUSED, "InvalidKeyException")
+    status, reply = _post(url, _body(x), _bearer(server, "inference"))
+    assert status == 200
+    np.testing.assert_allclose(np.reshape(reply["outputs"][0]["data"], (2, CLASSES)), offline(x), atol=1e-5, rtol=0)
+    monkeypatch.setenv("DEPLOYKIT_TORCHSERVE_KEY_FILE", str(server.key_file))  # as a user's client finds the keys
+    client = OipClient(server.infer_url, NAME, engine="torchserve")
+    np.testing.assert_allclose(client.infer(x), offline(x), atol=1e-5, rtol=0)
+    monkeypatch.delenv("DEPLOYKIT_TORCHSERVE_KEY_FILE")
+    assert OipClient(server.infer_url, NAME, engine="torchserve").post_infer(_body(x))[0] == TOKEN_REFUSED
 
 
 def test_handler_answers_each_request_of_one_batch(store, offline, tmp_path):
@@ -229,12 +303,19 @@ def test_stop_leaves_no_process_behind(store, tmp_path):
     own_store.mkdir()
     for suffix in (".mar", ".json"):
         shutil.copy(store / f"{NAME}{suffix}", own_store)
+    stale = tmp_path / "logs" / "keys" / "key_file.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")  # a previous run's leftover must not be taken for this run's keys
     with TorchServeServer(own_store, log_dir=tmp_path / "logs", **_ports()) as ts:
         pgid = ts.process.proc.pid
         members = " ".join(_group_members(pgid))
         assert "java" in members and "model_service_worker" in members  # the frontend and its worker ran here
+        assert ts.key_file == stale and set(torchserve_keys(stale)) == {"inference", "management"}
     assert _group_members(pgid) == []
     assert not list((tmp_path / "logs").glob("tmp-*"))  # unpacked archives and the pid file are gone
+    assert not stale.exists()  # the keys died with the server
+    with pytest.raises(DeploykitError, match=r"key_file.json is not TorchServe's key_file.json \(FileNotFoundError\)"):
+        ts.failed_models()
 
 
 def test_model_that_fails_to_load_is_named_with_the_reason(onnx_model, tmp_path):
@@ -246,6 +327,17 @@ def test_model_that_fails_to_load_is_named_with_the_reason(onnx_model, tmp_path)
     with pytest.raises(DeploykitError, match=r"could not load model 'broken' \(.*INVALID_PROTOBUF"):
         ts.start(timeout=60)
     assert _group_members(ts.process.proc.pid) == []
+
+
+def test_a_server_that_exits_at_start_is_reported(store, tmp_path):
+    ports = _ports()
+    with socket.socket() as taken:  # its inference port is busy: TorchServe writes its keys, then gives up
+        taken.bind(("127.0.0.1", ports["inference_port"]))
+        taken.listen()
+        ts = TorchServeServer(store, log_dir=tmp_path / "logs", **ports)
+        with pytest.raises(DeploykitError, match=r"TorchServe exited with code \d+ before answering http://\S+/ping"):
+            ts.start(timeout=60)
+    assert _group_members(ts.process.proc.pid) == [] and not ts.key_file.exists()
 
 
 def test_user_errors_name_the_thing(onnx_model, tmp_path):

@@ -30,9 +30,14 @@ def test_triton_deployment_passes_every_check_and_the_slo(triton, tmp_path):
     fails = [c for c in result["checks"] if c["status"] == "fail"]
     assert not fails and result["passed"], fails
     for name in ("server live", "server ready", "model ready", "model metadata", "outputs equal offline (http)",
-                 "outputs equal offline (grpc)", "wrong shape", "wrong dtype", "missing input",
-                 "still serving afterwards", "prometheus metrics", "error rate", "SLO image_classification"):  # fmt: skip
+                 "outputs equal offline (grpc)", "outputs valid (http)", "outputs valid (grpc)", "wrong shape",
+                 "wrong dtype", "missing input", "still serving afterwards", "prometheus metrics", "error rate",
+                 "SLO image_classification"):  # fmt: skip
         assert checks[name]["status"] == "pass", checks[name]
+    # every sample, one alone then fours, each answer held to the config Triton reports
+    assert checks["outputs valid (grpc)"]["detail"] == (
+        "16 samples in 5 requests: every output finite, as the config declares (logits FP32 [-1, 5])"
+    )
     # Triton 2.51 refuses unparseable bodies with 500: refused and still healthy, but flagged.
     assert checks["malformed JSON"]["status"] in ("pass", "warn")
     assert "HTTP 500" in checks["malformed JSON"]["detail"] or "HTTP 400" in checks["malformed JSON"]["detail"]
@@ -47,8 +52,8 @@ def test_torchserve_deployment_passes_checks(torchserve, tmp_path):
     )  # fmt: skip
     checks = by_name(result)
     assert result["passed"], [c for c in result["checks"] if c["status"] != "pass"]
-    for name in ("ping", "outputs equal offline (http)", "wrong shape", "wrong dtype", "missing input",
-                 "malformed JSON", "oversized body", "prometheus metrics"):  # fmt: skip
+    for name in ("ping", "outputs equal offline (http)", "outputs valid (http)", "wrong shape", "wrong dtype",
+                 "missing input", "malformed JSON", "oversized body", "prometheus metrics"):  # fmt: skip
         assert checks[name]["status"] == "pass", checks[name]
 
 

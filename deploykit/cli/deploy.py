@@ -62,24 +62,42 @@ def package(
     ] = None,
     monitoring: Annotated[
         bool,
-        typer.Option(help="Also write a Grafana dashboard and a Prometheus scrape config into <repo's parent>/monitoring."),
+        typer.Option(help="Also write a Grafana dashboard, a Prometheus scrape config and alert rules from --slo "
+                          "into <repo's parent>/monitoring."),
     ] = False,
+    admin_secret: Annotated[str, typer.Option(
+        help="--k8s/--kserve: the Kubernetes Secret holding Triton's admin key (referenced, never written).")
+    ] = "deploykit-admin-key",
+    restrict_inference: Annotated[bool, typer.Option(
+        help="--k8s/--kserve: inference and metadata need the admin key too.")] = False,
+    monitoring_namespace: Annotated[str, typer.Option(
+        help="--k8s/--kserve: the namespace whose pods may scrape Triton's metrics port.")] = "monitoring",
+    slo: SloOpt = "image_classification",
+    max_latency_ms: MaxLatency = None,
 ) -> None:
     """Add a model version to a Triton model repository (and optionally a TorchServe archive, k8s manifests, a KServe
     InferenceService, and monitoring files)."""
     from deploykit.package.triton_repo import TritonModelOptions, write_triton_model
     from deploykit.serve.triton import find_triton
 
-    service = None
-    if kserve:  # every KServe check before the repository is touched
-        from deploykit.package.kserve import kserve_inference_service
+    service = policy = None
+    if kserve:  # every KServe and k8s check before the repository is touched
+        from deploykit.package.kserve import kserve_inference_service, kserve_network_policy
 
         if not storage_uri:
             raise DeploykitError(
                 "--kserve needs --storage-uri: the gs://, s3://, pvc:// (or other) address the repository is "
                 "uploaded to."
             )
-        service = kserve_inference_service(name, storage_uri, gpus=1 if gpu else 0)
+        service = kserve_inference_service(name, storage_uri, gpus=1 if gpu else 0, secret_name=admin_secret,
+                                           restrict_inference=restrict_inference)  # fmt: skip
+        policy = kserve_network_policy(service, monitoring_namespace)
+    manifests = None
+    if k8s:
+        from deploykit.package.k8s import k8s_manifests
+
+        manifests = k8s_manifests(name, image, secret_name=admin_secret, restrict_inference=restrict_inference,
+                                  monitoring_namespace=monitoring_namespace)  # fmt: skip
     if kserve or k8s:
         from deploykit.package.k8s import require_native
 
@@ -115,16 +133,18 @@ def package(
     if monitoring:
         from deploykit.package.monitoring import write_monitoring
 
-        for path in write_monitoring(repo.resolve().parent / "monitoring", ["127.0.0.1:8002"]):  # Triton's default
+        target = _slo(slo, max_latency_ms, None)  # what the alert rules hold production to
+        folder = repo.resolve().parent / "monitoring"
+        for path in write_monitoring(folder, ["127.0.0.1:8002"], slo=target, models=[name]):  # Triton's default port
             console.print(f"monitoring: {path}")
     if k8s:
-        from deploykit.package.k8s import k8s_manifests, write_k8s
+        from deploykit.package.k8s import write_k8s
 
-        console.print(f"kubernetes: {write_k8s(repo.resolve().parent, k8s_manifests(name, image))}")
+        console.print(f"kubernetes: {write_k8s(repo.resolve().parent, manifests)}")
     if service:
         from deploykit.package.kserve import write_kserve
 
-        console.print(f"kserve: {write_kserve(repo.resolve().parent, service)}")
+        console.print(f"kserve: {write_kserve(repo.resolve().parent, service, policy)}")
 
 
 def _wait_for_signal(is_running: Any) -> str:
@@ -161,14 +181,43 @@ def serve(
     ] = None,
     model: Annotated[list[str], typer.Option("--model", "-m", help="Load only these models (repeatable).")] = [],  # noqa: B006
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become ready.")] = 120.0,
+    admin_key_file: Annotated[Path | None, typer.Option(
+        help="Triton: the key guarding the control APIs (model load/unload, repository, config, statistics, trace, "
+             "logging); written (mode 0600) when the file does not exist. Default: $DEPLOYKIT_KEY, else "
+             "./deploykit-admin.key.")] = None,
+    restrict: Annotated[bool, typer.Option(
+        help="Triton: restrict the control APIs on loopback too (always on for any other address).")] = False,
+    restrict_inference: Annotated[bool, typer.Option(help="Triton: inference and metadata need the key too.")] = False,
+    insecure: Annotated[bool, typer.Option(
+        help="Triton: bind a non-loopback address with the control APIs open to anyone who reaches the port.")] = False,
+    grpc_tls_cert: Annotated[Path | None, typer.Option(help="Triton: PEM certificate for gRPC over TLS.")] = None,
+    grpc_tls_key: Annotated[Path | None, typer.Option(help="Triton: the PEM private key of --grpc-tls-cert.")] = None,
+    grpc_tls_ca: Annotated[Path | None, typer.Option(
+        help="Triton: mutual TLS, clients' certificates must be signed by this PEM CA.")] = None,
 ) -> None:
-    """Start a real Triton (or TorchServe) server on a model repository and keep it up until Ctrl-C or SIGTERM."""
+    """Start a real Triton (or TorchServe) server on a model repository and keep it up until Ctrl-C or SIGTERM.
+
+    On any address but loopback, Triton's control APIs need the admin key (header 'deploykit-key'); TorchServe keeps
+    its own token authorization on, and its key file is printed. HTTP TLS belongs to a proxy or ingress in front.
+    """
     from deploykit.serve.engines import engine_traits
     from deploykit.serve.server import make_server
 
     given = (http_port, grpc_port, metrics_port)  # per engine: its first, second and metrics endpoints
     ports = {kind: p for kind, p in zip(engine_traits(engine).ports, given) if p is not None}
-    server = make_server(engine, model_repo, host=host, ports=ports, models=model or None)
+    tls = _grpc_tls(grpc_tls_cert, grpc_tls_key, grpc_tls_ca)
+    access, note = None, None
+    if engine == "triton":
+        from deploykit.serve.access import server_access
+
+        access, note = server_access(host, key_file=admin_key_file, restrict=restrict,
+                                     restrict_inference=restrict_inference, insecure=insecure, tls=tls)  # fmt: skip
+    elif any((admin_key_file, restrict, restrict_inference, insecure, tls)):
+        raise DeploykitError(
+            "The key, restrict, insecure and TLS options are Triton's: TorchServe's token authorization is always on "
+            "and its key file is printed at start."
+        )
+    server = make_server(engine, model_repo, host=host, ports=ports, models=model or None, access=access)
     server.start(timeout=timeout)
     try:
         table = Table(title=f"{engine} serving {Path(model_repo).resolve()}")
@@ -176,7 +225,11 @@ def serve(
         table.add_column("address")
         for key, value in server.endpoints.items():
             table.add_row(key, value)
+        for key, value in server.client_env().items():
+            table.add_row(key, value if key.endswith("_FILE") else "(set in this shell's environment)")
         console.print(table)
+        if note:
+            console.print(note, soft_wrap=True)  # one line: a path split over two lines cannot be copied
         if engine == "triton":
             _print_model_states(server.control.model_states())
         console.print("Ctrl-C or SIGTERM stops the server.")
@@ -186,6 +239,17 @@ def serve(
         err_console.print(f"{how}: stopping the {engine} server")
     finally:
         server.stop()
+
+
+def _grpc_tls(cert: Path | None, key: Path | None, ca: Path | None) -> Any:
+    """The gRPC TLS settings, or None; a certificate needs its key and the reverse, and a CA needs both."""
+    if cert is None and key is None and ca is None:
+        return None
+    if cert is None or key is None:
+        raise DeploykitError("gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key (a CA alone secures nothing).")
+    from deploykit.serve.access import GrpcTls
+
+    return GrpcTls(cert, key, ca)
 
 
 def _print_model_states(states: list[dict[str, Any]]) -> None:

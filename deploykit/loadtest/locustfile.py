@@ -7,7 +7,11 @@ Configured by environment variables, so the same file serves `deploykit loadtest
     DEPLOYKIT_MODEL        the model's name on the server (required)
     DEPLOYKIT_GRPC_URL     gRPC target for `grpc` (default: the --host's hostname, port 8001)
     DEPLOYKIT_INPUT_SHAPE  per-sample input shape for `torchserve`, e.g. "3,16,16" (Triton's come from its metadata)
-    DEPLOYKIT_SAMPLES_IN   a .npy of real inputs (N, C, H, W) float32 to cycle through (default: seeded random normal)
+    DEPLOYKIT_SAMPLES_IN   a .npy of real inputs (N, C, H, W) float32 to cycle through (default: zeros)
+    DEPLOYKIT_KEY          the key a restricted Triton wants (or DEPLOYKIT_KEY_FILE, a file holding it; TorchServe's
+                           key_file.json goes in DEPLOYKIT_TORCHSERVE_KEY_FILE): sent with every request and metadata
+    DEPLOYKIT_GRPC_TLS_CA  gRPC over TLS: the CA that signed the server's certificate (DEPLOYKIT_GRPC_TLS_CERT and
+                           DEPLOYKIT_GRPC_TLS_KEY: the client's own, for mutual TLS)
     DEPLOYKIT_SAMPLES_OUT  where to write every request's raw timing at exit (.npy: rows of
                            [start time s since epoch, response time ms, success 0/1]; any other suffix: JSON)
 
@@ -28,6 +32,7 @@ from locust import FastHttpUser, User, constant, constant_throughput, events, ta
 
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_path, atomic_write_json
+from deploykit.serve.access import client_access
 from deploykit.serve.engines import engine_traits
 from deploykit.serve.oip import (
     TORCHSERVE_INPUT_NAME,
@@ -48,7 +53,6 @@ MODEL = os.environ.get("DEPLOYKIT_MODEL", "")
 # Requests per second per user for an open-rate load (the soak); unset: back to back, a closed loop.
 RATE_PER_USER = float(os.environ.get("DEPLOYKIT_RATE_PER_USER") or 0)
 _MAX_BODIES = 32  # requests cycle through at most this many pre-encoded inputs: JSON of a 224x224 image is ~1.5 MB
-_RANDOM_SAMPLES = 8
 
 # Settings are checked at import, so a bad one stops locust with this sentence before any user starts.
 try:
@@ -57,6 +61,10 @@ except DeploykitError as e:
     raise SystemExit(f"DEPLOYKIT_ENGINE={ENGINE!r}, DEPLOYKIT_PROTOCOL={PROTOCOL!r}: {e}") from None
 if not MODEL:
     raise SystemExit("DEPLOYKIT_MODEL is not set: export it as the model's name on the server.")
+try:
+    ACCESS = client_access(ENGINE)  # the key and TLS files the environment names; nothing when it names none
+except DeploykitError as e:
+    raise SystemExit(str(e)) from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -74,10 +82,11 @@ TORCHSERVE_SHAPE = parse_shape(os.environ.get("DEPLOYKIT_INPUT_SHAPE", "")) if E
 
 
 def load_samples(shape: tuple[int, ...]) -> np.ndarray:
-    """Inputs of per-sample `shape`: the first samples of DEPLOYKIT_SAMPLES_IN, or seeded random normal data."""
+    """Inputs of per-sample `shape`: the first samples of DEPLOYKIT_SAMPLES_IN, or one of zeros (valid for any
+    model, where made-up data may not be)."""
     path = os.environ.get("DEPLOYKIT_SAMPLES_IN")
     if not path:
-        return np.random.default_rng(0).standard_normal((_RANDOM_SAMPLES, *shape)).astype(np.float32)
+        return np.zeros((1, *shape), np.float32)
     check_samples(path, shape, MODEL)
     return np.ascontiguousarray(np.load(path, mmap_mode="r")[:_MAX_BODIES], dtype=np.float32)
 
@@ -87,10 +96,10 @@ _bodies: dict[str, list[tuple[bytes, dict[str, str]]]] = {}  # encoded once per 
 
 def http_bodies(host: str) -> list[tuple[bytes, dict[str, str]]]:
     """(body, headers) per sample: Triton's binary tensor extension (input from GET /v2/models/<m>), or
-    JSON for TorchServe (input from env), whose handler reads the JSON form only."""
+    JSON for TorchServe (input from env), whose handler reads the JSON form only; the headers carry the key."""
     if host not in _bodies:
         if ENGINE == "torchserve":
-            json_headers = {"Content-Type": "application/json"}
+            json_headers = {**ACCESS.inference_headers, "Content-Type": "application/json"}
             samples = load_samples(TORCHSERVE_SHAPE)
             _bodies[host] = [(oip_body(TORCHSERVE_INPUT_NAME, "FP32", s), json_headers) for s in samples]
         else:
@@ -99,6 +108,7 @@ def http_bodies(host: str) -> list[tuple[bytes, dict[str, str]]]:
             for s in load_samples(sample_shape(first["shape"])):
                 body, header_len = binary_infer_body(s[None], first["name"], first["datatype"])
                 headers = {
+                    **ACCESS.inference_headers,
                     "Content-Type": "application/octet-stream",
                     "Inference-Header-Content-Length": str(header_len),
                 }
@@ -169,8 +179,8 @@ class TritonGrpcUser(User):
         from tritonclient.utils import triton_to_np_dtype
 
         default = f"{urlsplit(self.host or 'http://127.0.0.1').hostname}:8001"
-        self.client = grpcclient.InferenceServerClient(os.environ.get("DEPLOYKIT_GRPC_URL", default))
-        first = self.client.get_model_metadata(MODEL, as_json=True)["inputs"][0]
+        self.client = ACCESS.grpc_client(os.environ.get("DEPLOYKIT_GRPC_URL", default))
+        first = self.client.get_model_metadata(MODEL, headers=ACCESS.grpc_headers, as_json=True)["inputs"][0]
         inputs = []
         for sample in load_samples(sample_shape(first["shape"])):
             tensor = grpcclient.InferInput(first["name"], [1, *sample.shape], first["datatype"])
@@ -185,7 +195,7 @@ class TritonGrpcUser(User):
     def infer(self) -> None:
         start, t0, exception, length = time.time(), time.perf_counter(), None, 0
         try:
-            length = self.client.infer(MODEL, next(self.inputs)).get_response().ByteSize()
+            length = self.client.infer(MODEL, next(self.inputs), headers=ACCESS.grpc_headers).get_response().ByteSize()
         except Exception as e:  # noqa: BLE001 (any failure is a failed request, as locust counts HTTP errors)
             exception = e
         self.environment.events.request.fire(

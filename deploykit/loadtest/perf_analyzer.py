@@ -24,7 +24,9 @@ import numpy as np
 
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_json, atomic_write_text
+from deploykit.loadtest import inputs_note
 from deploykit.loadtest.slo import PERCENTILES, SLO, verdict
+from deploykit.serve.access import ClientAccess, client_access
 from deploykit.serve.engines import ENGINES
 from deploykit.serve.oip import OipClient, check_samples, sample_shape
 
@@ -34,6 +36,7 @@ LIB_DIR = "deploykit-libs"  # inside the env: libb64.so.0d, under the name the b
 CSV_NAME, JSON_NAME, LOG_NAME = "perf_analyzer.csv", "perf_analyzer.json", "perf_analyzer.log"
 _LOOPBACK = ("127.0.0.1", "localhost")
 _SETUP_HINT = "run `make setup` (it builds .venv-perf from perf-env.txt)"
+_MASK = "***"
 
 # perf_analyzer's CSV column -> key (values in microseconds, except throughput).
 _LATENCY_COLUMNS = {"p50 latency": "p50_ms", "p90 latency": "p90_ms", "p95 latency": "p95_ms", "p99 latency": "p99_ms"}
@@ -105,6 +108,27 @@ def _loopback_target(url: str) -> str:
     return f"127.0.0.1:{parts.port}"
 
 
+def access_args(access: ClientAccess, protocol: str) -> list[str]:
+    """perf_analyzer's options for the key and gRPC TLS. Its -H reaches gRPC metadata too (2.51's --help says
+    "ignored for GRPC", but its gRPC calls carry the headers): there Triton wants the key's prefixed name."""
+    headers = access.grpc_headers if protocol == "grpc" else access.inference_headers
+    args = [arg for name, value in headers.items() for arg in ("-H", f"{name}:{value}")]
+    if protocol == "grpc" and access.tls_ca is not None:
+        # a bare flag: 2.51's --help shows "<bool>", but its parser refuses any argument
+        args += ["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={access.tls_ca}"]
+        if access.tls_cert is not None and access.tls_key is not None:  # mutual TLS
+            args += [f"--ssl-grpc-certificate-chain-file={access.tls_cert}",
+                     f"--ssl-grpc-private-key-file={access.tls_key}"]  # fmt: skip
+    return args
+
+
+def masked(text: str, access: ClientAccess) -> str:
+    """`text` with every header value (the key) replaced: logs and echoed command lines never show it."""
+    for value in {*access.inference_headers.values(), *access.grpc_headers.values()}:
+        text = text.replace(value, _MASK)
+    return text
+
+
 def _sweeps(levels: list[int]) -> list[str]:
     """--concurrency-range values: one sweep when the levels are evenly spaced, else one run per level."""
     steps = {b - a for a, b in zip(levels, levels[1:])}
@@ -171,8 +195,10 @@ def run_perf_analyzer(
     `url` is Triton's HTTP base URL, as for the locust runner; gRPC goes to `grpc_url` (default 127.0.0.1:8001).
     Each level is measured in windows of `measurement_interval_ms` until three in a row agree within
     `stability_percentage` on P95 latency and throughput, for at most `max_trials` windows. `input_data` is a
-    perf_analyzer JSON of real samples (see `write_input_data`); None sends random data. Writes perf_analyzer.csv,
-    perf_analyzer.json (settings and rows) and perf_analyzer.log (its output) into `out_dir`.
+    perf_analyzer JSON of real samples (see `write_input_data`); None sends zeros, never perf_analyzer's default
+    random bytes (NaN/Inf as FP32, which a server may refuse). The key and gRPC TLS come from the environment
+    (`client_access`). Writes perf_analyzer.csv, perf_analyzer.json (settings and rows) and perf_analyzer.log (its
+    output, the key masked) into `out_dir`.
     """
     ENGINES["triton"].check_protocol(protocol)  # perf_analyzer speaks Triton's protocols only
     levels = sorted(set(concurrency))
@@ -185,6 +211,7 @@ def run_perf_analyzer(
         target = _loopback_target(grpc_url or "127.0.0.1:8001")
     binary = find_perf_analyzer()
     env = perf_analyzer_env(binary)
+    access = client_access()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in (CSV_NAME, JSON_NAME):  # a failed run must not leave an earlier run's results looking like its own
@@ -192,15 +219,15 @@ def run_perf_analyzer(
 
     base = [str(binary), "-m", model, "-u", target, "-i", protocol, "--percentile=95"]
     base += ["-p", str(measurement_interval_ms), "-s", f"{stability_percentage:g}", "-r", str(max_trials)]
-    if input_data is not None:
-        base += ["--input-data", str(Path(input_data).resolve())]
+    base += ["--input-data", str(Path(input_data).resolve()) if input_data is not None else "zero"]
+    base += access_args(access, protocol)
     deadline = time.monotonic() + timeout_s
     log, header, lines = "", "", []
     with tempfile.TemporaryDirectory(prefix="deploykit-perf-") as scratch:  # partial CSVs never reach out_dir
         for i, sweep in enumerate(_sweeps(levels)):
             csv_path = Path(scratch) / f"{i}.csv"
             argv = [*base, "--concurrency-range", sweep, "-f", str(csv_path)]
-            log += f"$ {' '.join(argv)}\n"
+            log += masked(f"$ {' '.join(argv)}\n", access)
             try:
                 done = subprocess.run(
                     argv,
@@ -212,12 +239,12 @@ def run_perf_analyzer(
                 )
             except subprocess.TimeoutExpired as e:
                 partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
-                atomic_write_text(out_dir / LOG_NAME, log + partial)
+                atomic_write_text(out_dir / LOG_NAME, log + masked(partial, access))
                 raise DeploykitError(
                     f"perf_analyzer on '{model}' was still running after timeout_s={timeout_s:g} s and was stopped: "
                     f"raise timeout_s or lower max_trials / measurement_interval_ms (see {out_dir / LOG_NAME})."
                 ) from None
-            log += done.stdout
+            log += masked(done.stdout, access)
             atomic_write_text(out_dir / LOG_NAME, log)
             if done.returncode != 0:
                 unstable = done.returncode == 2  # perf_analyzer's code for "no stable measurement"
@@ -228,7 +255,7 @@ def run_perf_analyzer(
                 )
                 raise (UnstableMeasurement if unstable else DeploykitError)(
                     f"perf_analyzer exited with code {done.returncode} on model '{model}' at {target} "
-                    f"({_tail(done.stdout)}): {hint} (full output: {out_dir / LOG_NAME})."
+                    f"({_tail(masked(done.stdout, access))}): {hint} (full output: {out_dir / LOG_NAME})."
                 )
             header, *body = csv_path.read_text().strip().splitlines()
             lines += body
@@ -247,7 +274,7 @@ def run_perf_analyzer(
         "stability_percentage": stability_percentage,
         "max_trials": max_trials,
         "stability_percentile": "p95",
-        "input_data": str(input_data) if input_data else None,
+        "input_data": str(input_data) if input_data else "zero",
     }
     summary = {"tool": "perf_analyzer", "model": model, "target": target, "protocol": protocol, "settings": settings}
     atomic_write_json(out_dir / JSON_NAME, {**summary, "levels": rows})
@@ -315,7 +342,8 @@ def perf_loadtest(
 ) -> dict[str, Any]:
     """A load test with perf_analyzer shaped as the locust runner's result (levels, verdict at the top level):
     windows of `duration_s` / 3, since perf_analyzer needs three stable windows per level. Stability is 25%, not
-    perf_analyzer's 10%: sub-millisecond P95s on shared cores rarely settle within 10% in ten windows."""
+    perf_analyzer's 10%: sub-millisecond P95s on shared cores rarely settle within 10% in ten windows. It sends the
+    first samples of `samples` (.npy), or zeros without them; the result's `inputs` says which."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     input_data = write_input_data(url, model, samples, out_dir / "input_data.json") if samples else None
@@ -330,6 +358,7 @@ def perf_loadtest(
         "url": url,
         "engine": "triton",
         "protocol": protocol,
+        "inputs": inputs_note(samples),
         "stability_percentage": stability_percentage,
         "levels": levels,
         "verdict": judge(levels, slo, size_mb=size_mb) if slo else None,

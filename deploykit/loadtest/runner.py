@@ -13,8 +13,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,10 @@ from rich.table import Table
 
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_json
-from deploykit.loadtest import metrics
+from deploykit.loadtest import inputs_note, metrics
 from deploykit.loadtest.slo import PERCENTILES, SLO, verdict
 from deploykit.progress import Reporter, Task, silent
+from deploykit.serve.access import TORCHSERVE_KEY_FILE_ENV, client_access
 from deploykit.serve.engines import engine_traits
 from deploykit.serve.oip import TORCHSERVE_INPUT_NAME, OipClient, check_samples, oip_body, sample_shape
 from deploykit.serve.process import ServerProcess, http_status
@@ -70,11 +69,10 @@ def _preflight_triton(url: str, model: str, protocol: str, grpc_url: str, sample
             f"Model '{model}' is not ready on Triton at {url}: use one of {names} or check the server's log."
         )
     if protocol == "grpc":
-        import tritonclient.grpc as grpcclient
-
+        access = client_access()
         try:
-            with grpcclient.InferenceServerClient(grpc_url) as client:
-                client.is_server_ready(client_timeout=5)
+            with access.grpc_client(grpc_url) as client:
+                client.is_server_ready(headers=access.grpc_headers, client_timeout=5)
         except Exception:  # noqa: BLE001 (tritonclient raises its own types for every connection failure)
             raise DeploykitError(
                 f"Triton's gRPC endpoint {grpc_url} does not answer: pass the right grpc_url."
@@ -83,32 +81,40 @@ def _preflight_triton(url: str, model: str, protocol: str, grpc_url: str, sample
 
 
 def _preflight_torchserve(url: str, model: str, input_shape: tuple[int, ...] | None, samples: Path | None) -> None:
-    """TorchServe has no model metadata: /ping, then one real request, which also proves the shape is accepted."""
+    """TorchServe has no model metadata: /ping, then one real request, which also proves the shape is accepted;
+    both carry its inference key, which its token authorization wants even for /ping."""
     if input_shape is None:
         raise DeploykitError(
             "TorchServe load tests need input_shape: pass it, e.g. (3, 224, 224), as TorchServe does not report it."
         )
-    if http_status(f"{url}/ping") != 200:
-        raise DeploykitError(f"TorchServe at {url} does not answer /ping with 200: start it or fix the URL.")
+    client = OipClient(url, model, "torchserve")
+    status, text = client.request("/ping")
+    if status != 200:
+        said = "nothing answered" if status == 0 else f"it answered {status}"
+        fix = _TOKEN_FIX if _token_refused(status, text) else "start it or fix the URL"
+        raise DeploykitError(f"TorchServe at {url} does not answer /ping with 200 ({said}): {fix}.")
     check_samples(samples, tuple(input_shape), model)
-    body = oip_body(TORCHSERVE_INPUT_NAME, "FP32", np.zeros(input_shape, np.float32))
-    request = urllib.request.Request(
-        f"{url}/predictions/{model}", data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        urllib.request.urlopen(request, timeout=30).close()
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise DeploykitError(
-                f"Model '{model}' is not registered on TorchServe at {url}: "
-                "check the name (its management API's /models lists them)."
-            ) from None
+    status, text = client.post_infer(oip_body(TORCHSERVE_INPUT_NAME, "FP32", np.zeros(input_shape, np.float32)))
+    if status == 0:
+        raise DeploykitError(f"TorchServe at {url} failed a test request ({text}): check the server's log.")
+    if status == 404:
         raise DeploykitError(
-            f"Model '{model}' on TorchServe at {url} answered {e.code} to an input of shape {tuple(input_shape)}: "
-            "check input_shape, or the server's log if the model is still loading."
-        ) from None
-    except OSError as e:
-        raise DeploykitError(f"TorchServe at {url} failed a test request ({e}): check the server's log.") from None
+            f"Model '{model}' is not registered on TorchServe at {url}: "
+            "check the name (its management API's /models lists them)."
+        )
+    if status != 200:
+        fix = "check input_shape, or the server's log if the model is still loading"
+        raise DeploykitError(
+            f"Model '{model}' on TorchServe at {url} answered {status} to an input of shape {tuple(input_shape)}: "
+            f"{_TOKEN_FIX if _token_refused(status, text) else fix}."
+        )
+
+
+_TOKEN_FIX = f"it refused the token: set {TORCHSERVE_KEY_FILE_ENV} to the key_file.json it wrote at start"
+
+
+def _token_refused(status: int, text: str) -> bool:
+    return status in (401, 403) or "InvalidKeyException" in text  # TorchServe 0.12 answers a bad token with 400
 
 
 def summarize_timings(timings: np.ndarray, warmup_s: float, users: int, log: Path) -> LoadResult:
@@ -273,7 +279,7 @@ def run_loadtest(
     """One locust run per concurrency level; writes loadtest.json and latency_vs_concurrency.png into `out_dir`.
 
     The SLO verdict judges the highest level (the load the deployment must carry); `spawn_rate` None
-    starts each level's users within a second.
+    starts each level's users within a second. Users send the first samples of `samples`, or zeros without them.
     """
     levels = sorted({users} if isinstance(users, int) else set(users))
     if not levels or levels[0] < 1:
@@ -283,6 +289,7 @@ def run_loadtest(
             f"Latency percentile '{latency_percentile}' is unknown: use one of {', '.join(PERCENTILES)}."
         )
     reporter = reporter or silent()
+    reporter.log(f"load test inputs: {inputs_note(samples)}")
     out_dir = Path(out_dir)
     results: list[LoadResult] = []
     for n in levels:
@@ -321,6 +328,7 @@ def run_loadtest(
         "url": url,
         "engine": engine,
         "protocol": protocol,
+        "inputs": inputs_note(samples),
         "settings": {
             "users": levels,
             "duration_s": duration_s,
@@ -363,7 +371,8 @@ def plot_levels(results: list[LoadResult], path: Path) -> None:
 def levels_table(result: dict[str, Any]) -> Table:
     """P50/P95/P99 and throughput per concurrency level of a load test (locust's or perf_analyzer's)."""
     client = result.get("client", "locust")
-    table = Table(title=f"Load test of '{result['model']}' over {result['protocol']} ({client})")
+    table = Table(title=f"Load test of '{result['model']}' over {result['protocol']} ({client})",
+                  caption=f"inputs: {result['inputs']}" if result.get("inputs") else None)  # fmt: skip
     for column in ("users", "P50 ms", "P95 ms", "P99 ms", "req/s", "errors"):
         table.add_column(column, justify="right")
     for level in result["levels"]:

@@ -1,12 +1,15 @@
-"""Kubernetes manifests for a Triton image: a Deployment, its Service and a CPU-based HorizontalPodAutoscaler.
+"""Kubernetes manifests for a Triton image: a Deployment, its Service, a CPU-based HorizontalPodAutoscaler and a
+NetworkPolicy.
 
 The image (see the Dockerfile) carries the model repository at /models, so the pod needs no volume for
-models. All three objects share one name, `triton-<model>`, made DNS-1123 safe.
+models. All four objects share one name, `triton-<model>`, made DNS-1123 safe. Triton's control APIs demand the
+admin key (deploykit.serve.access), which the pod reads from a Secret the user creates: no manifest holds it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,16 @@ import yaml
 from deploykit.errors import DeploykitError
 from deploykit.files import atomic_write_text
 from deploykit.package.names import validate_model_name
+from deploykit.serve.access import KEY_ENV, ServerAccess
 
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _MAX_NAME = 63  # a Service name is a DNS-1035 label: at most 63 characters, starting with a letter
+SECRET_NAME = "deploykit-admin-key"  # the Secret holding the admin key, created by the user (see secret_note)
+SECRET_KEY = "key"
+MONITORING_NAMESPACE = "monitoring"  # where Prometheus runs: the only namespace that may read Triton's metrics
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace name
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SECRET_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 
 _PORTABLE = re.compile(r'^backend: "python"$', re.M)  # how triton_repo's config.pbtxt marks the portable flavour
@@ -64,6 +74,53 @@ def check_resources(cpu: str, memory: str) -> None:
             raise DeploykitError(f"{what} {value!r} is not a Kubernetes quantity: write e.g. '2', '500m' or '4Gi'.")
 
 
+def _check_name(what: str, value: str, pattern: re.Pattern[str]) -> None:
+    if not pattern.fullmatch(value):
+        raise DeploykitError(f"{what} {value!r} is not a valid Kubernetes name: use lowercase letters, digits and '-'.")
+
+
+def check_secret(secret_name: str, secret_key: str) -> None:
+    """Raise one clear sentence unless the Secret's name and data key are names Kubernetes accepts."""
+    _check_name("Secret name", secret_name, _DNS_SUBDOMAIN)
+    _check_name("Secret key", secret_key, _SECRET_DATA_KEY)
+
+
+def check_namespace(namespace: str) -> None:
+    _check_name("Namespace", namespace, _DNS_LABEL)
+
+
+def restricted_api_args(restrict_inference: bool) -> list[str]:
+    """Triton's flags that demand the admin key on its control APIs (and inference), naming the key `$(DEPLOYKIT_KEY)`:
+    kubelet expands that from the container's env when it starts the container, so the key stays in the Secret."""
+    return ServerAccess(key=f"$({KEY_ENV})", restrict_inference=restrict_inference).triton_args()
+
+
+def key_env(secret_name: str, secret_key: str) -> list[dict[str, Any]]:
+    """The container env that carries the admin key from the Secret (the pod does not start while it is missing)."""
+    return [{"name": KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": secret_key}}}]
+
+
+def ingress_rule(ports: list[int], namespace: str | None = None) -> dict[str, Any]:
+    """A NetworkPolicy rule admitting TCP `ports` from pods in `namespace`, or from anywhere when None."""
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": port} for port in ports]}
+    if namespace is not None:  # every namespace carries this label (Kubernetes >= 1.21)
+        rule["from"] = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}]
+    return rule
+
+
+def network_policy(
+    metadata: dict[str, Any], pod_selector: dict[str, str], rules: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A NetworkPolicy admitting only `rules`' traffic into the selected pods. Kubelet's probes come from the node,
+    which network plugins always admit, so the health endpoints need no rule."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata,
+        "spec": {"podSelector": {"matchLabels": pod_selector}, "policyTypes": ["Ingress"], "ingress": rules},
+    }
+
+
 def _check(cpu: str, memory: str, ports: list[int], replicas: int, min_replicas: int, max_replicas: int) -> None:
     check_resources(cpu, memory)
     if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
@@ -93,9 +150,17 @@ def k8s_manifests(
     http_port: int = 8000,
     grpc_port: int = 8001,
     metrics_port: int = 8002,
+    secret_name: str = SECRET_NAME,
+    secret_key: str = SECRET_KEY,
+    restrict_inference: bool = False,
+    monitoring_namespace: str = MONITORING_NAMESPACE,
 ) -> list[dict[str, Any]]:
-    """Deployment, Service and HorizontalPodAutoscaler (as plain dicts) serving `image` for model `name`."""
+    """Deployment, Service, HorizontalPodAutoscaler and NetworkPolicy (as plain dicts) serving `image` for model
+    `name`, with the admin key from `secret_key` of Secret `secret_name` guarding Triton's control APIs (and
+    inference and metadata too when `restrict_inference`) and metrics open only to `monitoring_namespace`."""
     _check(cpu, memory, [http_port, grpc_port, metrics_port], replicas, min_replicas, max_replicas)
+    check_secret(secret_name, secret_key)
+    check_namespace(monitoring_namespace)
     if gpus < 0 or not 1 <= target_cpu_utilization <= 100:
         raise DeploykitError(
             f"gpus ({gpus}) must be >= 0 and target_cpu_utilization ({target_cpu_utilization}) a percentage "
@@ -121,7 +186,9 @@ def k8s_manifests(
             f"--grpc-port={grpc_port}",
             f"--metrics-port={metrics_port}",
             "--exit-on-error=false",
+            *restricted_api_args(restrict_inference),
         ],
+        "env": key_env(secret_name, secret_key),
         "ports": [
             {"name": "http", "containerPort": http_port},
             {"name": "grpc", "containerPort": grpc_port},
@@ -151,7 +218,7 @@ def k8s_manifests(
                     },
                 },
                 "spec": {
-                    # the Triton images' unprivileged triton-server user is uid/gid 1000; numeric, so kubelet can check it
+                    # the Triton images' unprivileged triton-server user is uid/gid 1000; numeric so kubelet checks it
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000},
                     "containers": [container],
                     # Triton's python backend exchanges tensors through /dev/shm, which is 64 MiB by default
@@ -191,7 +258,14 @@ def k8s_manifests(
             ],
         },
     }
-    return [deployment, service, autoscaler]
+    # inference from anywhere: clients reach the Service through ingress controllers and load balancers that live
+    # in other namespaces or outside the cluster; the key, not the network, guards the control APIs on these ports
+    policy = network_policy(
+        metadata,
+        selector,
+        [ingress_rule([http_port, grpc_port]), ingress_rule([metrics_port], monitoring_namespace)],
+    )
+    return [deployment, service, autoscaler, policy]
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -201,8 +275,38 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
+def _secret_refs(node: Any) -> Iterator[tuple[str, str]]:
+    """(Secret name, key) of every secretKeyRef in `node`, in document order."""
+    if isinstance(node, dict):
+        if "secretKeyRef" in node:
+            yield node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]
+        for value in node.values():
+            yield from _secret_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _secret_refs(value)
+
+
+def secret_note(manifests: list[dict[str, Any]]) -> str:
+    """YAML comment lines saying how to create each Secret `manifests` read: the files hold no key, only its name.
+    `tr` drops the newline that ends the key file, which kubectl would otherwise keep as part of the key."""
+    lines = []
+    for name, key in dict.fromkeys(_secret_refs(manifests)):
+        lines += [
+            f"# Triton's admin key comes from the Secret {name!r} (key {key!r}); create it once, in the namespace",
+            "# these objects go to, from the key file `deploykit serve --admin-key-file` writes:",
+            f"#  tr -d '\\n' < deploykit-admin.key | kubectl create secret generic {name} --from-file={key}=/dev/stdin",
+        ]
+    return "".join(line + "\n" for line in lines)
+
+
+def dump_manifests(manifests: list[dict[str, Any]]) -> str:
+    """`manifests` as one multi-document YAML text, headed by the note on the Secrets they read."""
+    return secret_note(manifests) + yaml.dump_all(manifests, Dumper=_PlainDumper, sort_keys=False)
+
+
 def write_k8s(out_dir: Path, manifests: list[dict[str, Any]]) -> Path:
     """Write `manifests` as one multi-document `<out_dir>/k8s.yaml` (for `kubectl apply -f`)."""
     path = Path(out_dir) / "k8s.yaml"
-    atomic_write_text(path, yaml.dump_all(manifests, Dumper=_PlainDumper, sort_keys=False))
+    atomic_write_text(path, dump_manifests(manifests))
     return path

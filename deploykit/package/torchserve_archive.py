@@ -21,6 +21,10 @@ HANDLER_SOURCE = Path(__file__).with_name("torchserve_handler.py")
 CONFIG_NAME = "config.properties"
 # JSON carries ~10 bytes a float: a batch of 224x224 RGB images is far over TorchServe's 6.5 MB default.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# TorchServe's token authorization stays on; its keys expire after 60 minutes by default and only its /token API
+# renews them, which nothing here calls: a server would lock its own clients out after an hour. The keys are new at
+# each start, so they live as long as a server reasonably runs instead.
+TOKEN_EXPIRATION_MIN = 365 * 24 * 60
 # What the <name>.json beside each .mar holds (and write_config_properties' `models` values), with the defaults of
 # write_torchserve_archive's parameters of the same names.
 DEFAULT_SETTINGS: dict[str, Any] = {"version": "1.0", "batch_size": 8, "max_batch_delay_ms": 5, "workers": 1}
@@ -172,8 +176,7 @@ def write_config_properties(
         "models": json.dumps(per_model, sort_keys=True),
         # Workers come from `models`; this only keeps a model registered later from taking one per core.
         "default_workers_per_model": "1",
-        # Token auth would make every client read a key file; the default bind is loopback only.
-        "disable_token_authorization": "true",
+        "token_expiration_min": str(TOKEN_EXPIRATION_MIN),
         "max_request_size": str(MAX_MESSAGE_BYTES),
         "max_response_size": str(MAX_MESSAGE_BYTES),
     }

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import DeploykitError
+from deploykit.serve.access import KEY_ENV, KEY_FILE_ENV, TORCHSERVE_KEY_FILE_ENV, client_access
 from deploykit.serve.engines import engine_traits
 
 TORCHSERVE_INPUT_NAME = "input"  # TorchServe has no metadata to ask: the input name deploykit's handler reads
@@ -65,6 +66,14 @@ def check_samples(samples: str | Path | None, shape: tuple[int, ...], model: str
         )
 
 
+def _why(status: int, engine: str) -> str:
+    if engine == "torchserve" and status in (400, 401):  # TorchServe 0.12 answers a missing token with 400
+        return f"TorchServe wants its token: set {TORCHSERVE_KEY_FILE_ENV} to the key_file.json it wrote at start."
+    if status in (401, 403):
+        return f"the server wants a key: set {KEY_FILE_ENV} (or {KEY_ENV}) to the one it was started with."
+    return "is it loaded?"
+
+
 class OipClient:
     """HTTP JSON inference against one model of a Triton or TorchServe server."""
 
@@ -72,11 +81,12 @@ class OipClient:
         self.traits = engine_traits(engine)
         self.url, self.model, self.engine, self.timeout = url.rstrip("/"), model, engine, timeout
         self.infer_url = self.url + self.traits.infer_route(model)
+        self.headers = client_access(engine).inference_headers  # the key, when the environment names one
 
     def request(self, path_or_url: str, body: bytes | None = None) -> tuple[int, str]:
         """(status, body text) of a GET (no body) or POST; a dropped connection is status 0 with the reason."""
         url = path_or_url if path_or_url.startswith("http") else self.url + path_or_url
-        req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+        req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET", headers=self.headers)
         if body is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -105,5 +115,7 @@ class OipClient:
                 f"No server answers at {self.url} ({text}): start one with `deploykit serve` or fix the URL."
             )
         if status != 200:
-            raise DeploykitError(f"Model '{self.model}' has no metadata at {self.url} ({status}): is it loaded?")
+            raise DeploykitError(
+                f"Model '{self.model}' has no metadata at {self.url} ({status}): {_why(status, self.engine)}"
+            )
         return json.loads(text)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from deploykit.errors import DeploykitError
+from deploykit.serve.access import ServerAccess
 from deploykit.serve.engines import EngineTraits, engine_traits
 from deploykit.serve.process import free_ports_on
 
@@ -42,6 +43,8 @@ class Server(Protocol):
 
     def failed_models(self) -> dict[str, str]: ...  # model -> why it is not serving
 
+    def client_env(self) -> dict[str, str]: ...  # what deploykit's clients need in their environment to call it
+
 
 def free_ports(engine: str) -> dict[str, int]:
     """A free port for every endpoint of `engine`: two servers on one machine never collide."""
@@ -57,11 +60,13 @@ def make_server(
     ports: dict[str, int] | None = None,
     models: list[str] | None = None,
     log_dir: Path | None = None,
+    access: ServerAccess | None = None,
 ) -> Server:
     """A server of `engine` on `repo` (a Triton model repository or a TorchServe model store), not started.
 
     `ports` are keyed as the engine's traits name them (missing ones take the engine's defaults); `models` limits
     what Triton loads (TorchServe serves its whole store); logs go into `log_dir` (default: beside `repo`).
+    `access`: Triton's admin key and gRPC TLS (TorchServe keeps its own token authorization, always on).
     """
     traits = engine_traits(engine)
     unknown = set(ports or {}) - set(traits.ports)
@@ -81,5 +86,5 @@ def make_server(
 
     return TritonServer(
         repo, host=host, http_port=port["http"], grpc_port=port["grpc"], metrics_port=port["metrics"],
-        models=models, log_path=log_dir / "tritonserver.log" if log_dir else None,
+        models=models, log_path=log_dir / "tritonserver.log" if log_dir else None, access=access,
     )  # fmt: skip

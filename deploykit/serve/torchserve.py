@@ -1,4 +1,4 @@
-"""A real TorchServe on a deploykit model store: prerequisites checked first, healthy only when every worker is READY."""
+"""A real TorchServe on a deploykit model store: prerequisites checked first, healthy once every worker is READY."""
 
 from __future__ import annotations
 
@@ -18,10 +18,15 @@ from types import TracebackType
 
 from deploykit.errors import DeploykitError
 from deploykit.package.torchserve_archive import read_store_models, write_config_properties
+from deploykit.serve.access import TORCHSERVE_KEY_FILE_ENV, torchserve_keys
 from deploykit.serve.engines import ENGINES
 from deploykit.serve.process import ServedEndpoints, ServerProcess, client_host, free_port
 
 MIN_JAVA = 11
+# TorchServe's working directory, under the log dir, mode 0700: it writes key_file.json there, with the umask's mode
+# until it narrows it to 0600.
+KEY_DIR = "keys"
+KEY_FILE = "key_file.json"
 
 
 class TorchServeServer(ServedEndpoints):
@@ -79,17 +84,32 @@ class TorchServeServer(ServedEndpoints):
             raise DeploykitError("TorchServe has not started, so it has no log yet: start it first.")
         return self.log_dir / "torchserve.log"
 
+    @property
+    def key_file(self) -> Path:
+        """TorchServe's key_file.json (mode 0600): new keys at each start, written into its working directory."""
+        return self.log_path.parent / KEY_DIR / KEY_FILE
+
+    def client_env(self) -> dict[str, str]:
+        """The environment deploykit's clients (and locust, run as a child) read TorchServe's keys from."""
+        return {TORCHSERVE_KEY_FILE_ENV: str(self.key_file)}
+
+    def _control_headers(self) -> dict[str, str]:
+        # Read at each call: TorchServe rewrites the file when a key is renewed through its /token API.
+        return {"Authorization": f"Bearer {torchserve_keys(self.key_file)['management']}"}
+
     def failed_models(self) -> dict[str, str]:
         """Models of the store without a READY worker, with TorchServe's reason."""
         log = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+        headers = self._control_headers()
         return {
             name: _load_failure(log, name)
             for name in self.models
-            if not _ready_workers(f"{self.endpoints['management']}/models/{name}")
+            if not _ready_workers(f"{self.endpoints['management']}/models/{name}", headers)
         }
 
     def start(self, timeout: float = 120) -> TorchServeServer:
-        """Start TorchServe and return once /ping answers and every model has all its workers READY."""
+        """Start TorchServe and return once it wrote its keys, /ping answers and every model has all its workers
+        READY."""
         if self.process is not None and self.process.running:
             return self
         _check_java()
@@ -105,6 +125,8 @@ class TorchServeServer(ServedEndpoints):
         self.models = list(settings)
         log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="deploykit-torchserve-"))
         log_dir.mkdir(parents=True, exist_ok=True)
+        home = _private_dir(log_dir / KEY_DIR)
+        (home / KEY_FILE).unlink(missing_ok=True)  # a previous run's: waiting for the file must see this run's keys
         # A private temp dir: the launcher keeps its pid file there and refuses to start when another TorchServe
         # on the machine wrote one; the workers' sockets (.ts.sock.9000, ...) and the unpacked .mar files live there.
         # It sits in the system temp folder, not the log folder: a socket path longer than 107 bytes cannot be bound,
@@ -132,10 +154,11 @@ class TorchServeServer(ServedEndpoints):
             "--ts-config",
             str(config.resolve()),
         ]
-        self.process = ServerProcess(argv, log_dir / "torchserve.log", env=env, cwd=log_dir)
+        self.process = ServerProcess(argv, log_dir / "torchserve.log", env=env, cwd=home)
         deadline = time.monotonic() + timeout
         try:
-            self.process.wait_http(f"{self.endpoints['inference']}/ping", timeout, what="TorchServe")
+            keys = self._wait_keys(deadline)
+            self._wait_ping({"Authorization": f"Bearer {keys['inference']}"}, deadline)
             for name in self.models:
                 self._wait_model(name, int(settings[name]["workers"]), deadline)
         except BaseException:
@@ -143,12 +166,46 @@ class TorchServeServer(ServedEndpoints):
             raise
         return self
 
+    def _wait_keys(self, deadline: float) -> dict[str, str]:
+        """TorchServe's keys, once it has written them; the file is made private if TorchServe did not."""
+        assert self.process is not None
+        while True:
+            try:
+                keys = torchserve_keys(self.key_file)  # it creates the file empty, then writes it: read until whole
+                break
+            except DeploykitError:
+                self._check_alive("writing its key file", deadline)
+            time.sleep(0.1)
+        if self.key_file.stat().st_mode & 0o077:
+            self.key_file.chmod(0o600)
+        return keys
+
+    def _wait_ping(self, headers: dict[str, str], deadline: float) -> None:
+        url = f"{self.endpoints['inference']}/ping"
+        while _status(url, headers) != 200:
+            self._check_alive(f"answering {url}", deadline)
+            time.sleep(0.2)
+
+    def _check_alive(self, step: str, deadline: float) -> None:
+        """One sentence when TorchServe exited, or time ran out, before `step` (e.g. "answering /ping") was done."""
+        assert self.process is not None
+        if not self.process.running:
+            raise DeploykitError(
+                f"TorchServe exited with code {self.process.proc.returncode} before {step} "
+                f"(last lines: {self.process.log_tail(5)!r}): see {self.process.log_path} for why."
+            )
+        if time.monotonic() > deadline:
+            raise DeploykitError(
+                f"TorchServe took too long {step}: see {self.process.log_path}, or start with a longer timeout."
+            )
+
     def _wait_model(self, name: str, workers: int, deadline: float) -> None:
         """Poll the management API until `name` has `workers` READY workers; a failed load raises with its reason."""
         assert self.process is not None
         url = f"{self.endpoints['management']}/models/{name}"
+        headers = self._control_headers()
         while True:
-            ready = _ready_workers(url)
+            ready = _ready_workers(url, headers)
             if ready is not None and ready >= workers:
                 return
             log = self.process.log_path.read_text(errors="replace")
@@ -157,16 +214,7 @@ class TorchServeServer(ServedEndpoints):
                     f"TorchServe could not load model {name!r} ({_load_failure(log, name)}): "
                     f"fix its archive; the full log is {self.process.log_path}."
                 )
-            if not self.process.running:
-                raise DeploykitError(
-                    f"TorchServe exited while loading model {name!r} (last lines: {self.process.log_tail(3)!r}): "
-                    f"see {self.process.log_path} for why."
-                )
-            if time.monotonic() > deadline:
-                raise DeploykitError(
-                    f"TorchServe's workers for model {name!r} were not READY in time: see {self.process.log_path}, "
-                    "or start with a longer timeout."
-                )
+            self._check_alive(f"getting model {name!r}'s workers READY", deadline)
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -174,6 +222,7 @@ class TorchServeServer(ServedEndpoints):
         if self.process is not None:
             self.process.stop()
             _wait_group_gone(self.process.proc.pid)
+            self.key_file.unlink(missing_ok=True)  # its keys die with it, as `torchserve --stop` removes them too
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -217,10 +266,28 @@ def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _ready_workers(url: str) -> int | None:
+def _private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner can enter (mkdir's mode is cut by the umask, and the dir may exist)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _status(url: str, headers: dict[str, str]) -> int | None:
+    """The HTTP status of a GET of `url`, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return None
+
+
+def _ready_workers(url: str, headers: dict[str, str]) -> int | None:
     """How many workers of the model at management `url` are READY; None when TorchServe does not know the model."""
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
             described = json.loads(r.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 404:

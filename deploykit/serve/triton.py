@@ -20,6 +20,7 @@ from typing import Any
 
 from deploykit.errors import DeploykitError
 from deploykit.package.names import validate_model_name
+from deploykit.serve.access import KEY_ENV, KEY_FILE_ENV, ServerAccess, client_access
 from deploykit.serve.engines import ENGINES
 from deploykit.serve.process import ServedEndpoints, ServerProcess, client_host
 
@@ -106,14 +107,22 @@ def find_triton() -> TritonInstall:
     )
 
 
-def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 120.0) -> tuple[int, dict[str, Any]]:
+def _request(
+    url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None, timeout: float = 120.0
+) -> tuple[int, dict[str, Any]]:
+    """(status, JSON reply) of a control call, with `headers` (the admin key)."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
             return int(r.status), json.loads(raw) if raw else {}
     except urllib.error.HTTPError as e:
+        if e.code == 403:  # Triton's answer to a restricted API called without its key
+            raise DeploykitError(
+                f"Triton refused {url} (403): it restricts this API to callers with its admin key; set "
+                f"{KEY_FILE_ENV} (or {KEY_ENV}) to the key the server was started with."
+            ) from None
         raw = e.read()
         try:
             return int(e.code), json.loads(raw) if raw else {}
@@ -140,6 +149,7 @@ class TritonServer(ServedEndpoints):
         models: list[str] | None = None,
         log_path: Path | None = None,
         install: TritonInstall | None = None,
+        access: ServerAccess | None = None,
     ) -> None:
         self.repo = Path(repo).resolve()
         self.host = host
@@ -147,6 +157,7 @@ class TritonServer(ServedEndpoints):
         self.models = [validate_model_name(m) for m in models] if models else None
         self.log_path = Path(log_path) if log_path else self.repo.parent / "tritonserver.log"
         self.install = install
+        self.access = access or ServerAccess()
         self.process: ServerProcess | None = None
 
     traits = ENGINES["triton"]
@@ -187,6 +198,9 @@ class TritonServer(ServedEndpoints):
             f"--metrics-address={self.host}",
             f"--metrics-port={self.ports['metrics']}",
             "--allow-gpu-metrics=false",
+            # P50/P90/P95/P99 of request latency as Prometheus summaries: what the SLO alert rules watch.
+            "--metrics-config=summary_latencies=true",
+            *self.access.triton_args(),
         ]
         if install.backend_dir is not None:
             argv.append(f"--backend-directory={install.backend_dir}")
@@ -216,23 +230,29 @@ class TritonServer(ServedEndpoints):
 
     @property
     def control(self) -> ModelControl:
-        return ModelControl(self.endpoints["http"], self.repo)
+        return ModelControl(self.endpoints["http"], self.repo, headers=self.access.headers())
+
+    def client_env(self) -> dict[str, str]:
+        """The environment deploykit's clients (locust, perf_analyzer, validate) need to call this server."""
+        return self.access.client_env()
 
 
 class ModelControl:
     """Explicit model control on a running Triton (its HTTP endpoint): load, unload, roll back, and model states.
 
     `repo` is the server's model repository when it is on this machine: it lets a version be checked before a
-    load, and a model's config be read when the model is not loaded.
+    load, and a model's config be read when the model is not loaded. `headers` carry the admin key (default: the
+    one the environment names).
     """
 
-    def __init__(self, url: str, repo: Path | None = None) -> None:
+    def __init__(self, url: str, repo: Path | None = None, headers: dict[str, str] | None = None) -> None:
         self.url = url.rstrip("/")
         self.repo = repo
+        self.headers = client_access().control_headers if headers is None else headers
 
     def model_states(self) -> list[dict[str, Any]]:
         """Every model version in the repository with its state (READY, UNAVAILABLE...) and, on failure, the reason."""
-        status, body = _request(f"{self.url}/v2/repository/index", {})
+        status, body = _request(f"{self.url}/v2/repository/index", {}, headers=self.headers)
         if status != 200:
             raise DeploykitError(f"Triton's repository index answered {status}: {body.get('error', body)}.")
         return list(body) if isinstance(body, list) else []
@@ -247,7 +267,7 @@ class ModelControl:
 
     def _config(self, name: str, from_file: bool = False) -> dict[str, Any]:
         """The model's config as Triton runs it, or (`from_file`, or when it is not loaded) its config.pbtxt."""
-        status, body = (0, {}) if from_file else _request(f"{self.url}/v2/models/{name}/config")
+        status, body = (0, {}) if from_file else _request(f"{self.url}/v2/models/{name}/config", headers=self.headers)
         if status == 200:
             return body
         from google.protobuf import json_format, text_format
@@ -275,13 +295,13 @@ class ModelControl:
             # Triton keeps a config given at load time across plain reloads: after a roll back, "load" alone would
             # stay on the old version. The repository's own config brings back its version policy (the latest).
             body = {"parameters": {"config": json.dumps(self._config(name, from_file=True))}}
-        status, reply = _request(f"{self.url}/v2/repository/models/{name}/load", body)
+        status, reply = _request(f"{self.url}/v2/repository/models/{name}/load", body, headers=self.headers)
         if status != 200:
             raise DeploykitError(f"Triton could not load model '{name}': {reply.get('error', reply)}.")
 
     def unload(self, name: str) -> None:
         validate_model_name(name)
-        status, reply = _request(f"{self.url}/v2/repository/models/{name}/unload", {})
+        status, reply = _request(f"{self.url}/v2/repository/models/{name}/unload", {}, headers=self.headers)
         if status != 200:
             raise DeploykitError(f"Triton could not unload model '{name}': {reply.get('error', reply)}.")
 

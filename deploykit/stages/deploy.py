@@ -6,6 +6,7 @@ metrics, where the report puts them beside the offline benchmark.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from deploykit.package.names import validate_model_name
 from deploykit.package.triton_repo import TritonModelOptions
 from deploykit.pipeline.context import StageContext
 from deploykit.pipeline.registry import Stage, register
+from deploykit.serve.access import ServerAccess, client_environment
 from deploykit.serve.engines import engine_traits
 from deploykit.serve.server import Server, free_ports, make_server
 
@@ -57,14 +59,20 @@ class DeployConfig(SLOSettings):
         description="Triton: also send the bad-input corpus (30+ malformed requests per protocol); a crash fails a "
         "check, and the stage restarts the server to send the rest.",
     )
+    restrict: bool = Field(
+        False,
+        description="Triton: serve with the control APIs and inference behind a fresh key, as an exposed server "
+        "would be; every check and load test sends it.",
+    )
     fail_on_breach: bool = Field(False, description="Fail the run when a check or the SLO fails.")
     start_timeout_s: float = Field(120.0, gt=0.0, description="Seconds to wait for the server to become ready.")
 
     @model_validator(mode="after")
     def _client_speaks_the_engine(self) -> DeployConfig:
-        if (self.client == "perf_analyzer" or self.tune or self.fuzz) and self.engine != "triton":
+        if (self.client == "perf_analyzer" or self.tune or self.fuzz or self.restrict) and self.engine != "triton":
             raise ValueError(
-                "perf_analyzer, tune and fuzz work with Triton only: use client: locust, tune: false, fuzz: false"
+                "perf_analyzer, tune, fuzz and restrict work with Triton only (TorchServe's own token authorization "
+                "is always on): use client: locust, tune: false, fuzz: false, restrict: false"
             )
         if self.protocol not in engine_traits(self.engine).protocols:
             raise ValueError(f"{self.engine} speaks http only here: set protocol: http")
@@ -157,28 +165,29 @@ class DeployStage(Stage):
         try:
             if name in (failed := server.failed_models()):
                 raise DeploykitError(f"{cfg.engine} could not load '{name}' ({failed[name]}); see {server.log_path}.")
-            result = validate_server(
-                server.infer_url,
-                name,
-                out_dir=ctx.out_dir / "validation",
-                engine=cfg.engine,
-                model_path=model_path,
-                runtime=ref.runs_on,
-                precision=ref.exec_precision,
-                samples=samples,
-                grpc_url=server.grpc_url,
-                metrics_url=server.metrics_url,
-                users=cfg.users,
-                duration_s=cfg.duration_s,
-                spawn_rate=cfg.spawn_rate,
-                protocol=cfg.protocol,
-                load_client=cfg.client,
-                slo=slo,
-                size_mb=(ctx.stats(ref).bytes or model_path.stat().st_size) / 1e6,
-                reporter=ctx.reporter,
-                fuzz=cfg.fuzz,
-                restart=restart,
-            )
+            with client_environment(server.client_env()):  # a restricted server's key, for every client
+                result = validate_server(
+                    server.infer_url,
+                    name,
+                    out_dir=ctx.out_dir / "validation",
+                    engine=cfg.engine,
+                    model_path=model_path,
+                    runtime=ref.runs_on,
+                    precision=ref.exec_precision,
+                    samples=samples,
+                    grpc_url=server.grpc_url,
+                    metrics_url=server.metrics_url,
+                    users=cfg.users,
+                    duration_s=cfg.duration_s,
+                    spawn_rate=cfg.spawn_rate,
+                    protocol=cfg.protocol,
+                    load_client=cfg.client,
+                    slo=slo,
+                    size_mb=(ctx.stats(ref).bytes or model_path.stat().st_size) / 1e6,
+                    reporter=ctx.reporter,
+                    fuzz=cfg.fuzz,
+                    restart=restart,
+                )
         finally:
             server.stop()
         served = {"key": ref.key, "label": ref.label, "sha256": ref.sha256, "file": model_path.name, "why": ref.why}
@@ -235,7 +244,8 @@ class DeployStage(Stage):
             notes = client_notes(name, ref.label, ctx.data().preprocessing())
             write_triton_model(repo, name, ref.path, options, version=1, notes=notes)
         logs = ctx.out_dir / "server-logs"
-        server = make_server(cfg.engine, repo, host=cfg.host, ports=free_ports(cfg.engine), log_dir=logs)
+        access = ServerAccess(secrets.token_urlsafe(32), restrict_inference=True) if cfg.restrict else None
+        server = make_server(cfg.engine, repo, host=cfg.host, ports=free_ports(cfg.engine), log_dir=logs, access=access)
         return server, artifacts, tuned
 
     def _tune(

@@ -21,9 +21,20 @@ from deploykit.validate.checks import (
     correctness_checks,
     health_checks,
     metrics_check,
+    output_checks,
 )
 
 PARITY_BATCHES = (1, 4)
+CHECKED_SAMPLES = 64  # the output checks send at most this many samples per protocol
+
+
+def checked_batches(samples: np.ndarray) -> list[np.ndarray]:
+    """The samples the output checks send, in order (so the k-th sent is samples[k]): one alone, then batches of
+    4; samples are repeated up to 5, so both sizes are always sent, and at most CHECKED_SAMPLES go."""
+    step = max(PARITY_BATCHES)
+    n = min(max(len(samples), 1 + step), CHECKED_SAMPLES)
+    sent = samples[np.arange(n) % len(samples)]
+    return [sent[:1], *(sent[i : i + step] for i in range(1, n, step))]
 
 
 def _input_shape(client: OipClient, samples: np.ndarray | None, model_path: Path | None) -> list[int]:
@@ -132,9 +143,10 @@ def validate_server(
     none of which may take the server down, and a good request after them that must answer as before. A caller
     that owns the server passes `restart`, and a crash is recorded and the corpus goes on; else the rest is not sent.
 
-    The server's outputs must match `model_path` (.onnx or OpenVINO .xml) run in-process on `runtime` in
-    `precision` (bf16 on OpenVINO: the served model's own, with a tolerance that fits it); the load
-    test runs on `load_client` (locust, or perf_analyzer for Triton).
+    Every answer to the samples (the first 64, see `checked_batches`) must hold the outputs, datatypes and shapes
+    of the model's config, all finite; and the server's outputs must match `model_path` (.onnx or OpenVINO .xml) run
+    in-process on `runtime` in `precision` (bf16 on OpenVINO: the served model's own, with a tolerance that fits it).
+    The load test runs on `load_client` (locust, or perf_analyzer for Triton), sending the samples.
     """
     if fuzz and engine != "triton":  # refused before any request is sent
         raise DeploykitError("The bad-input corpus speaks Triton's protocols: drop --fuzz for TorchServe.")
@@ -151,6 +163,7 @@ def validate_server(
         batches = [samples[np.arange(n) % len(samples)] for n in PARITY_BATCHES]
         reference = open_artifact(Path(model_path), threads=1, runtime=runtime, precision=precision)
         checks += correctness_checks(client, reference, batches, grpc_url)
+    checks += output_checks(client, checked_batches(samples), grpc_url)
     checks += bad_input_checks(client, shape)
     corpus = None
     if fuzz:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from deploykit.serve.access import ClientAccess, client_access
 from deploykit.serve.oip import infer_body
 from deploykit.serve.process import http_status
 
@@ -37,16 +38,18 @@ class Outcome:
 
 
 class _Http:
-    """Raw HTTP/1.1 requests, so that bodies, headers and paths can be as wrong as a client can make them."""
+    """Raw HTTP/1.1 requests, so that bodies, headers and paths can be as wrong as a client can make them; each
+    carries the key (when the environment names one), so the model's input handling is what gets tried."""
 
     def __init__(self, url: str, timeout: float) -> None:
         parts = urlsplit(url)
         self.host, self.port, self.timeout = parts.hostname or "127.0.0.1", parts.port or 80, timeout
+        self.headers = {**client_access().inference_headers, "Content-Type": "application/json"}
 
     def send(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, str]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
-            conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+            conn.request("POST", path, body=body, headers={**self.headers, **(headers or {})})
             reply = conn.getresponse()
             return reply.status, reply.read().decode(errors="replace")
         except (OSError, http.client.HTTPException) as e:
@@ -193,13 +196,30 @@ def _http_sends(url: str, model: str, shape: list[int], timeout: float) -> dict[
 # ---- gRPC ---------------------------------------------------------------------------------------------------
 
 
+def _channel(grpc_url: str, access: ClientAccess) -> Any:
+    """A raw gRPC channel (the corpus sends what tritonclient would refuse to build), over TLS when a CA is given."""
+    import grpc
+
+    options = [("grpc.max_send_message_length", 64 * 2**20)]
+    if access.tls_ca is None:
+        return grpc.insecure_channel(grpc_url, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        access.tls_ca.read_bytes(),
+        access.tls_key.read_bytes() if access.tls_key else None,
+        access.tls_cert.read_bytes() if access.tls_cert else None,
+    )
+    return grpc.secure_channel(grpc_url, credentials, options=options)
+
+
 def _grpc_sends(
     grpc_url: str, model: str, shape: list[int], timeout: float
 ) -> dict[str, Callable[[], tuple[str, str]]]:
-    """Each gRPC case as a call that sends it on a fresh channel and classifies the status."""
+    """Each gRPC case as a call that sends it on a fresh channel, with the key, and classifies the status."""
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+    access = client_access()
+    metadata = tuple(access.grpc_headers.items())
     raw = np.zeros(shape, np.float32).tobytes()
 
     def request(name: str = model, version: str = "", inputs: list | None = None, contents: list | None = None,
@@ -239,12 +259,15 @@ def _grpc_sends(
         "version not a number": request(version="latest"),
         "path-like model name": request(name="../../etc/passwd"),
         "empty model name": request(name=""),
-        "contents and raw both given": request(inputs=[tensor(contents=service_pb2.InferTensorContents(fp32_contents=[0.0]))]),
+        "contents and raw both given": request(
+            inputs=[tensor(contents=service_pb2.InferTensorContents(fp32_contents=[0.0]))]
+        ),
         "typed contents of the wrong count": request(
             inputs=[tensor(contents=service_pb2.InferTensorContents(fp32_contents=[0.0, 1.0]))], contents=[]
         ),
         "typed contents of the wrong type": request(
-            inputs=[tensor(contents=service_pb2.InferTensorContents(int_contents=[0] * int(np.prod(shape))))], contents=[]
+            inputs=[tensor(contents=service_pb2.InferTensorContents(int_contents=[0] * int(np.prod(shape))))],
+            contents=[],
         ),
         "shape with many dims": request(inputs=[tensor(shape=[1] * 64)]),
         "huge model name": request(name="m" * 100_000),
@@ -254,9 +277,10 @@ def _grpc_sends(
     }  # fmt: skip
 
     def send(message: Any) -> tuple[str, str]:
-        with grpc.insecure_channel(grpc_url, options=[("grpc.max_send_message_length", 64 * 2**20)]) as channel:
+        with _channel(grpc_url, access) as channel:
             try:
-                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, timeout=timeout)
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                stub.ModelInfer(message, timeout=timeout, metadata=metadata)
                 return ACCEPTED, "OK"
             except grpc.RpcError as e:
                 code, details = (e.code().name if e.code() else "UNKNOWN"), (e.details() or "")[:160]
