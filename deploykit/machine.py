@@ -35,11 +35,11 @@ BF16_ISA = ("AVX-512 BF16", "AMX-BF16")  # what makes BF16 arithmetic fast on a 
 
 
 def bf16_unsupported(machine: dict[str, Any]) -> str | None:
-    """Why a machine record's CPU offers no BF16 candidates (no AVX-512 BF16 or AMX-BF16), or None when it does."""
+    """Why a machine record's CPU has no native BF16 (no AVX-512 BF16 or AMX-BF16), or None when it has."""
     if any(isa in machine.get("isa", []) for isa in BF16_ISA):
         return None
     have = ", ".join(machine.get("isa", [])) or "none recorded"
-    return f"this CPU has neither AVX-512 BF16 nor AMX-BF16 (its vector ISA: {have}), so it has no BF16 candidates"
+    return f"this CPU has neither AVX-512 BF16 nor AMX-BF16 (its vector ISA: {have})"
 
 
 def cpu_isa() -> list[str]:

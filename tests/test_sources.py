@@ -93,11 +93,14 @@ def error(path: Path) -> str:
 def test_existing_pipelines_keep_their_stage_keys():
     cfg = load_pipeline(REPO / "pipelines" / "quickstart.yaml")
     entry = cfg.stages[0]
-    key = _stage_key(cfg, entry, entry.settings(), [])
     # the same dict as before model sources: zoo model dump, data dump, no task entry
     assert cfg.key() == {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
     assert set(cfg.model.model_dump(mode="json")) == {"name", "num_classes", "in_channels", "options"}
-    assert key == QUICKSTART_TRAIN_KEY
+    # Training's default precision became auto (issue 20): it trains differently, so its key differs; a file that
+    # says precision: fp32, the old default, keeps the old key and its cache.
+    fp32 = entry.settings().model_copy(update={"precision": "fp32"})
+    assert _stage_key(cfg, entry, fp32, []) == QUICKSTART_TRAIN_KEY
+    assert _stage_key(cfg, entry, entry.settings(), []) != QUICKSTART_TRAIN_KEY
 
 
 # The quickstart's train-stage key computed by the code before model sources existed (main at dd2c713): runs made

@@ -88,6 +88,7 @@ def config(**overrides) -> TrainConfig:
         "batch_size": 32,
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
         "schedule": {"name": "constant"},
+        "precision": "fp32",  # exact comparisons, the same on every CPU (auto would train in bf16 on some)
     }
     return TrainConfig.model_validate(base | overrides)
 

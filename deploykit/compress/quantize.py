@@ -222,6 +222,8 @@ def quantize_qat(
     else:
         captured = _capture(model.train(), example)
     prepared = trainable(prepare_qat_pt2e(captured, _x86_quantizer(is_qat=True)))
+    if cfg.precision == "auto":  # the observers must see the fp32 values the deployed INT8 graph is calibrated on
+        cfg = cfg.model_copy(update={"precision": "fp32"})
     trained, result = fit(prepared, bundle, cfg, work_dir, reporter, mixup_alpha=mixup_alpha)
     return trainable(convert_pt2e(trained.eval())).eval(), result
 

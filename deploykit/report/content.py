@@ -137,7 +137,8 @@ def _artifact_table(rows: list[dict[str, Any]], latency_batch: int, big: int | N
 
 _HIDDEN = {"history", "diagnostics", "results", "skipped", "rows", "verdict", "note", "notes"}  # shown elsewhere
 # Metric names that tend to carry a stage's result come first: prune ratios, KD gain, quantization drop.
-_PRIORITY = ("method", "deployable", "val_acc", "acc", "drop", "gain", "ratio", "sparsity", "excluded", "speedup")
+_PRIORITY = ("method", "deployable", "val_acc", "precision", "acc", "drop", "gain", "ratio", "sparsity", "excluded",
+             "speedup")
 _MAX_METRICS, _MAX_NESTED = 10, 4
 
 
@@ -224,15 +225,20 @@ def _gradient_lines(gradients: dict[str, Any]) -> list[str]:
 def _diagnostics_blocks(upstream: list[StageRecord]) -> list[Block]:
     blocks: list[Block] = []
     for record in upstream:
-        diag = _metrics(record).get("diagnostics")
+        metrics = _metrics(record)
+        diag = metrics.get("diagnostics")
         if not isinstance(diag, dict):
             continue
         items = []
+        if "precision" in metrics:  # a training stage: what its forward and backward computed in, and why
+            items.append(f"Trained in {metrics['precision']} ({metrics.get('precision_why', f.NA)}).")
         curves = diag.get("curves") or {}
         if curves:
             items.append(f"Finding: {curves.get('finding', f.NA)}. {curves.get('evidence', '')}".strip())
             if curves.get("solutions"):
                 items.append("Suggested: " + "; ".join(curves["solutions"]) + ".")
+        if spike := diag.get("val_loss_spike"):
+            items.append(f"Warning: {spike['evidence']} Suggested: {'; '.join(spike['solutions'])}.")
         items += _gradient_lines(diag.get("gradients") or {})
         blocks += [Heading(record.name, 3), Bullets(items or ["No diagnostics recorded."])]
     return blocks or [Paragraph("No stage recorded training diagnostics.")]

@@ -90,7 +90,10 @@ class BenchmarkStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = self.config
-        bf16_reason = bf16_unsupported(machine_info()) if cfg.bf16 else "bf16: false in the benchmark stage"
+        missing = bf16_unsupported(machine_info())
+        bf16_reason = f"{missing}, so it has no BF16 candidates" if missing else None
+        if not cfg.bf16:
+            bf16_reason = "bf16: false in the benchmark stage"
         targets = discover(ctx.upstream, cfg.include, tuple(cfg.onnx_runtimes), bf16=bf16_reason is None)
         if not targets:
             raise DeploykitError(

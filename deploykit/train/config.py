@@ -114,8 +114,11 @@ class TrainConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     grad_clip_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value.")
     accumulate_steps: int = Field(1, ge=1, description="Gradient accumulation: optimizer step every N batches.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler, CUDA only."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CPUs with AVX-512 BF16 or AMX-BF16 and on GPUs that have BF16, fp32 "
+        "elsewhere (decided from the machine record); bf16: autocast on CPU or GPU; fp16: autocast with a grad "
+        "scaler, CUDA only. Weights stay fp32.",
     )
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     swa: SWAConfig | None = Field(None, description="Enable stochastic weight averaging.")

@@ -4,6 +4,7 @@
   (< vanish_threshold) layers, as in "Gradient Flow Issues".
 - `TrainingDiverged`: a NaN/Inf loss stops training at once ("NaN loss" row).
 - `classify_curves`: reads the epoch history against the "Loss and Accuracy Patterns" table.
+- `val_loss_spike`: a validation loss that jumps 10x between two epochs early in training.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ CURVE_SOLUTIONS: dict[str, list[str]] = {
     "over-regularized": ["reduce regularization (dropout, weight decay, label smoothing, MixUp)"],
     "healthy": [],
 }
+
+SPIKE_FACTOR = 10.0  # a val loss this many times the epoch before's is a spike
+SPIKE_EARLY = 0.5  # ... looked for in this first fraction of the epochs (warm-up and peak learning rate)
+SPIKE_SOLUTIONS = [
+    "lengthen the warm-up (train.schedule.warmup_epochs, e.g. 1-2 epochs)",
+    "lower the peak learning rate",
+    "clip gradients (train.grad_clip_norm, e.g. 2.0)",
+]
 
 # classify_curves thresholds: relative changes unless noted.
 OVERFIT_RISE = 0.10  # val loss this far above its minimum, while train loss kept falling
@@ -260,4 +269,36 @@ def _plateau(c: _Curves) -> dict[str, Any] | None:
             f"Train loss improved only {gain:.2%} over the last {len(tl) - start} epochs (from {tl[start]:.3g}), "
             f"at {ta:.1%} train accuracy.",
         )
+    return None
+
+
+def val_loss_spike(history: list[dict], epochs: int, chance_loss: float | None = None) -> dict[str, Any] | None:
+    """The first epoch, in the first half of an `epochs`-long run, whose val loss is 10x the epoch before's (the
+    first epoch's: 10x `chance_loss`, a classifier's ln(classes), when given); or None.
+
+    Under a high learning rate the weights move faster than BatchNorm's running statistics follow: evaluation (eval
+    mode, running statistics) breaks while training (batch statistics) goes on. When the training loss did not
+    jump alike, the evidence says that is the likely cause.
+    """
+    start = [{"epoch": 0, "val_loss": chance_loss, "train_loss": chance_loss}] if chance_loss else []
+    rows = start + [h for h in history if h["epoch"] <= max(2, math.ceil(SPIKE_EARLY * epochs))]
+    for before, row in zip(rows, rows[1:]):
+        if row["val_loss"] < SPIKE_FACTOR * before["val_loss"]:
+            continue
+        was = "chance level" if before["epoch"] == 0 else f"epoch {before['epoch']}"
+        train_jumped = row["train_loss"] >= 2.0 * before["train_loss"]
+        cause = (
+            f"and the training loss jumped too ({before['train_loss']:.3g} -> {row['train_loss']:.3g}): the learning "
+            "rate is too high for this model"
+            if train_jumped
+            else f"while the training loss stayed at {row['train_loss']:.3g}: BatchNorm's running statistics lag "
+            "weights that a high learning rate moves fast"
+        )
+        return {
+            "finding": "val loss spike",
+            "epoch": row["epoch"],
+            "evidence": f"Val loss at epoch {row['epoch']} was {row['val_loss'] / before['val_loss']:.0f}x {was}'s "
+            f"({before['val_loss']:.3g} -> {row['val_loss']:.3g}) {cause}.",
+            "solutions": SPIKE_SOLUTIONS,
+        }
     return None

@@ -40,9 +40,10 @@ from deploykit.sources.task import TOP1_CLASSIFICATION, Task, call_metric, task_
 from deploykit.train import distributed as ddp
 from deploykit.train.checkpoint import load_torch, rng_state, save_torch, set_rng_state
 from deploykit.train.config import EarlyStoppingConfig, SWAConfig, TrainConfig
-from deploykit.train.diagnostics import GradientMonitor, TrainingDiverged, classify_curves
+from deploykit.train.diagnostics import GradientMonitor, TrainingDiverged, classify_curves, val_loss_spike
 from deploykit.train.losses import build_loss
 from deploykit.train.optim import build_optimizer
+from deploykit.train.precision import training_precision
 from deploykit.train.schedules import build_schedule
 from deploykit.train.transfer import TransferPlan, apply_transfer, train_mode
 
@@ -182,7 +183,8 @@ class _Trainer:
         if self.info.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.info.local_rank)
         self.reporter = reporter if self.info.is_main else silent()
-        _check_inputs(model, bundle, cfg, self.device)
+        self.precision, self.precision_why = training_precision(cfg.precision, self.device.type)
+        _check_inputs(model, bundle, cfg, self.device, self.precision)
         _seed_everything(cfg)
 
         self.plan = apply_transfer(model, cfg.transfer) if cfg.transfer else TransferPlan()
@@ -199,7 +201,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.plan.lr_mults)
         steps_per_epoch = math.ceil(self.num_batches / cfg.accumulate_steps)
         self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.epochs, steps_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.task = task_of(bundle)
         loss_fn = self.task.loss if self.task.user_loss else build_loss(cfg.loss, bundle.num_classes)
         self.criterion: Criterion = criterion or (lambda logits, x, target, extras: loss_fn(logits, target))
@@ -266,6 +268,9 @@ class _Trainer:
                 f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
                 f"val loss {val_loss:.4f} acc {val_acc:.2%} | lr {lr:.3g} | {row['epoch_time_s']:.1f}s"
             )
+            spike = val_loss_spike(self.history[-2:], epochs, self._chance_loss() if epoch == 0 else None)
+            if spike is not None:  # said as it happens: the user may stop the run and fix the warm-up
+                self.reporter.log(f"[yellow]warning:[/yellow] {spike['evidence']} Try: {'; or '.join(spike['solutions'])}.")
         return self._finish()
 
     def _train_loader(self, epoch: int) -> DataLoader:
@@ -359,10 +364,15 @@ class _Trainer:
         if step_schedule:
             self.schedule.step_batch()
 
+    def _chance_loss(self) -> float | None:
+        """Cross-entropy of a uniform guess, ln(classes): what a first epoch's val loss is judged against."""
+        classes = self.bundle.num_classes
+        return math.log(classes) if classes and classes > 1 and not self.task.user_loss else None
+
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.precision == "fp32":
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _early_stopping(self, row: dict[str, float], epoch: int) -> None:
@@ -442,7 +452,8 @@ class _Trainer:
             final = self._swa_model()
         elif self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        val_loss, val_acc = evaluate(final, self.val_loader, self.device, self._autocast, self.task)
+        # In fp32 whatever the training precision: the returned weights are fp32, and so is what gets exported.
+        val_loss, val_acc = evaluate(final, self.val_loader, self.device, task=self.task)
         if self.cfg.activation_checkpointing:  # only a training-time setting; hand back a plain model
             final.activation_checkpointing = False
         final = final.cpu().eval()
@@ -461,6 +472,8 @@ class _Trainer:
             "world_size": self.info.world_size,
             "stopped_early": self.stopped_early,
             "train_time_s": sum(h["epoch_time_s"] for h in self.history),
+            "precision": self.precision,
+            "precision_why": self.precision_why,
             "swa": self.swa is not None,
             "resumed_from_epoch": self.resumed_from,
         }
@@ -473,6 +486,7 @@ class _Trainer:
             "gradients": self.monitor.summary(),
             "grad_clip": self.clip if self.cfg.grad_clip_norm else None,
             "curves": curves,
+            "val_loss_spike": val_loss_spike(self.history, self.cfg.epochs, self._chance_loss()),
         }
         self.reporter.log(f"diagnosis: {curves['finding']}: {curves['evidence']}")
         ddp.barrier(self.info)
@@ -485,7 +499,7 @@ class _Trainer:
         frozen = {name: copy.deepcopy(averaged.get_submodule(name).state_dict()) for name in self.plan.frozen}
         # Every rank walks the whole (unshuffled) split so that all ranks end with the same statistics.
         loader = make_loader(self.bundle.train, self.cfg.batch_size, shuffle=False, drop_last=self.drop_last)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad():  # fp32 statistics, whatever the training precision: the model is used in fp32
             update_bn(loader, averaged, self.device)
         for name, state in frozen.items():
             averaged.get_submodule(name).load_state_dict(state)
@@ -531,9 +545,9 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_inputs(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, device: torch.device) -> None:
+def _check_inputs(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, device: torch.device, precision: str) -> None:
     """Fail before any work for settings that cannot run."""
-    if cfg.precision == "fp16" and device.type != "cuda":
+    if precision == "fp16" and device.type != "cuda":
         raise DeploykitError(f"precision fp16 needs a CUDA GPU but training runs on {device.type}: use bf16 or fp32.")
     if cfg.activation_checkpointing and not hasattr(model, "activation_checkpointing"):
         raise DeploykitError(
