@@ -157,14 +157,17 @@ def main() -> None:
     parser.add_argument("pipelines", nargs="*", default=DEFAULT, help="Pipeline files with a benchmark stage.")
     parser.add_argument("--runs-dir", default=str(REPO / "bench" / "runs"), help="Where the runs are written.")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="Markdown file to write.")
+    parser.add_argument("--reuse", action="append", default=[], metavar="NAME",
+                        help="Report this pipeline's last benchmark as it is, without measuring again (repeatable).")
     args = parser.parse_args()
 
     sections = []
     for path in args.pipelines:
         cfg = load_pipeline(path).model_copy(update={"runs_dir": Path(args.runs_dir)})
         fresh = [s.stage_name for s in cfg.stages if s.stage == "benchmark"]
-        with Reporter() as reporter:
-            run_pipeline(cfg, force=fresh, reporter=reporter)
+        if cfg.name not in args.reuse:
+            with Reporter() as reporter:
+                run_pipeline(cfg, force=fresh, reporter=reporter)
         sections += _section(cfg.name, Path(args.runs_dir) / cfg.name)
     header = [
         "# Benchmarks",
@@ -172,7 +175,8 @@ def main() -> None:
         f"Latest results of `python bench/run_benchmarks.py`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, on "
         f"{cpu_model()} with {isa({'isa': cpu_isa()})} (INT8 speed differs ~3x between AVX2-only and VNNI CPUs). "
         "Offline, one process, ONNX Runtime / PyTorch on CPU; percentiles over the last three stable "
-        "measurement windows (perf_analyzer's method).",
+        "measurement windows (perf_analyzer's method)."
+        + (f" Reported from their last run, not measured again: {', '.join(args.reuse)}." if args.reuse else ""),
         "",
     ]
     out = Path(args.out)

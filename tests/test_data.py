@@ -221,6 +221,20 @@ def test_imagefolder_corrupt_image_is_named_when_read(folder):
     assert f"'{broken}'" in str(err.value)
 
 
+def test_imagefolder_decodes_each_file_once_when_the_set_fits_in_memory(folder, monkeypatch):
+    from deploykit.data import imagefolder
+
+    bundle = _build(dataset="imagefolder", root=folder, image_size=8, normalize=False)
+    first = _stack(bundle.train)
+    for path in folder.rglob("img*"):
+        path.write_bytes(b"overwritten")  # a second epoch reads memory, not the files
+    assert all(torch.equal(a, b) for a, b in zip(_stack(bundle.train), first))
+    monkeypatch.setattr(imagefolder, "CACHE_BYTES", 0)  # a set too big to keep is decoded on every access
+    uncached = _build(dataset="imagefolder", root=folder, image_size=8, normalize=False)
+    with pytest.raises(DeploykitError, match="unreadable or corrupt"):
+        _stack(uncached.train)
+
+
 # --- normalisation -------------------------------------------------------------------------------------------
 
 

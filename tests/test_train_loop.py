@@ -126,9 +126,14 @@ def test_tiny_model_learns_a_separable_problem(tmp_path: Path) -> None:
     assert isinstance(result, FitResult)
     assert result.metrics["val_acc"] > 0.9
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
-    assert set(result.history[0]) == {
-        "epoch", "train_loss", "train_acc", "train_eval_loss", "train_eval_acc", "val_loss", "val_acc", "lr", "epoch_time_s"
-    }
+    row = result.history[0]
+    assert set(row) == {
+        "epoch", "train_loss", "train_acc", "train_eval_loss", "train_eval_acc", "val_loss", "val_acc", "lr",
+        "epoch_time_s", "data_s", "compute_s", "optimizer_s", "eval_s",
+    }  # fmt: skip
+    parts = row["data_s"] + row["compute_s"] + row["optimizer_s"] + row["eval_s"]
+    assert 0 < parts <= row["epoch_time_s"] * 1.01 and min(row[k] for k in ("compute_s", "eval_s")) > 0
+    assert 0.5 < sum(result.metrics["time_split"].values()) <= 1.01  # fractions of the epochs' time (the rest: saving)
     assert result.metrics["epochs_run"] == 3 and not result.metrics["stopped_early"] and not result.metrics["swa"]
     assert result.metrics["resumed_from_epoch"] is None
     assert not model.training and next(model.parameters()).device.type == "cpu"
@@ -586,3 +591,15 @@ def test_resuming_with_augmentation_matches_an_uninterrupted_run(tmp_path: Path)
     resumed, result = fit(model(), digits(), cfg3, tmp_path / "resumed")
     assert result.metrics["resumed_from_epoch"] == 2
     assert max_diff(params(straight), params(resumed)) < 1e-6
+
+
+@pytest.mark.parametrize("budget_s, expected", [(1e-4, 1), (1e4, 3)])
+def test_a_time_budget_picks_the_epochs_before_the_schedule_is_built(tmp_path: Path, budget_s, expected) -> None:
+    """A budget too small for one epoch still trains one; a huge one is capped by epochs. The schedule is built for
+    what runs: its cosine reaches the end, and a resume keeps the choice instead of timing again."""
+    cfg = config(epochs=3, time_budget_s=budget_s, schedule={"name": "cosine"})
+    _, result = fit(tiny(), separable_bundle(), cfg, tmp_path)
+    assert result.metrics["epochs_run"] == expected
+    assert result.history[-1]["lr"] < 1e-6  # the cosine schedule ran to its end in the epochs chosen
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epochs"] == expected

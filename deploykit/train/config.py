@@ -108,6 +108,12 @@ class TrainConfig(_Strict):
     """The training stage."""
 
     epochs: int = Field(10, ge=1, description="Number of epochs.")
+    time_budget_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="Train for as many epochs as fit in this many seconds (at most `epochs`), estimated from a few "
+        "timed batches before training starts, so the schedule is built for the epochs that will run.",
+    )
     batch_size: int = Field(64, ge=1, description="Per-process batch size.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

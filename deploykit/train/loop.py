@@ -48,7 +48,7 @@ from deploykit.train.schedules import build_schedule
 from deploykit.train.transfer import TransferPlan, apply_transfer, train_mode
 
 LAST_CHECKPOINT = "last.pt"
-_CHECKPOINT_FORMAT = 2  # 2: history rows hold train_eval_loss/acc
+_CHECKPOINT_FORMAT = 3  # 2: history rows hold train_eval_loss/acc; 3: and the epoch's time split (data_s ... eval_s)
 _MIN_CLEAN_TRAIN, _MAX_CLEAN_TRAIN = 256, 2048  # training samples evaluated as val is, each epoch
 
 # criterion(logits, x, target, extras) -> scalar loss. `extras` are the items a training sample holds after
@@ -198,13 +198,15 @@ class _Trainer:
                 f"The training split ({len(bundle.train)} samples) gives no batch of {cfg.batch_size}: "
                 "lower train.batch_size or add data."
             )
+        self.task = task_of(bundle)
+        loss_fn = self.task.loss if self.task.user_loss else build_loss(cfg.loss, bundle.num_classes)
+        self.criterion: Criterion = criterion or (lambda logits, x, target, extras: loss_fn(logits, target))
+        if cfg.time_budget_s:  # before the schedule, which is built for the epochs that will run
+            self.cfg = cfg = cfg.model_copy(update={"epochs": self._budget_epochs(cfg.time_budget_s)})
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.plan.lr_mults)
         steps_per_epoch = math.ceil(self.num_batches / cfg.accumulate_steps)
         self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.epochs, steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.task = task_of(bundle)
-        loss_fn = self.task.loss if self.task.user_loss else build_loss(cfg.loss, bundle.num_classes)
-        self.criterion: Criterion = criterion or (lambda logits, x, target, extras: loss_fn(logits, target))
         self.swa = _Swa(cfg.swa, self.model, self.optimizer, cfg.epochs, cfg.optimizer.lr) if cfg.swa else None
         self.stopper = EarlyStopper(cfg.early_stopping) if cfg.early_stopping else None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -225,7 +227,7 @@ class _Trainer:
         self.val_loader = make_loader(bundle.val, cfg.batch_size, shuffle=False)
         # The train split as the val split is seen (eval mode, no augmentation, plain cross-entropy), so that the
         # diagnosis compares like with like; as many samples as val has, within bounds, to keep it cheap.
-        clean = clean_subset(bundle.train, min(max(len(bundle.val), _MIN_CLEAN_TRAIN), _MAX_CLEAN_TRAIN))
+        clean = clean_subset(bundle.train, _clean_train_size(bundle))
         self.train_eval_loader = make_loader(clean, cfg.batch_size, shuffle=False)
 
     # -- the run -------------------------------------------------------------------------------------------
@@ -239,12 +241,14 @@ class _Trainer:
             averaging = self.swa is not None and epoch >= self.swa.start
             if averaging:
                 self.swa.begin_epoch()
-            train_loss, train_acc = self._train_epoch(epoch, step_schedule=not averaging)
+            train_loss, train_acc, times = self._train_epoch(epoch, step_schedule=not averaging)
             lr = self.schedule.lr
+            eval_start = time.perf_counter()
             val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self._autocast, self.task)
             train_eval_loss, train_eval_acc = evaluate(
                 self.model, self.train_eval_loader, self.device, self._autocast, self.task
             )
+            times["eval_s"] = time.perf_counter() - eval_start
             if averaging:
                 self.swa.end_epoch(self.model)
             else:
@@ -259,6 +263,7 @@ class _Trainer:
                 "val_acc": val_acc,
                 "lr": lr,
                 "epoch_time_s": time.perf_counter() - start,
+                **{k: round(v, 3) for k, v in times.items()},
             }
             self.history.append(row)
             self._early_stopping(row, epoch)
@@ -270,7 +275,8 @@ class _Trainer:
             )
             spike = val_loss_spike(self.history[-2:], epochs, self._chance_loss() if epoch == 0 else None)
             if spike is not None:  # said as it happens: the user may stop the run and fix the warm-up
-                self.reporter.log(f"[yellow]warning:[/yellow] {spike['evidence']} Try: {'; or '.join(spike['solutions'])}.")
+                fixes = "; or ".join(spike["solutions"])
+                self.reporter.log(f"[yellow]warning:[/yellow] {spike['evidence']} Try: {fixes}.")
         return self._finish()
 
     def _train_loader(self, epoch: int) -> DataLoader:
@@ -284,14 +290,18 @@ class _Trainer:
         # A fresh generator per epoch makes the order a function of (seed, epoch), so a resumed run replays it.
         return make_loader(train, batch_size, shuffle=True, seed=seed + epoch, drop_last=self.drop_last)
 
-    def _train_epoch(self, epoch: int, step_schedule: bool) -> tuple[float, float]:
-        """The epoch's mean training loss (the criterion, with its regularization) and train-mode accuracy."""
+    def _train_epoch(self, epoch: int, step_schedule: bool) -> tuple[float, float, dict[str, float]]:
+        """The epoch's mean training loss (the criterion, with its regularization), train-mode accuracy, and where
+        its time went: waiting for batches (data_s), optimizer steps (optimizer_s), forward and backward (compute_s)."""
         cfg, n = self.cfg, self.num_batches
         train_mode(self.model, self.plan.frozen)
         loss_sum, correct, count = 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
+        times = {"data_s": 0.0, "optimizer_s": 0.0}
+        start = mark = time.perf_counter()
         with self.reporter.task(f"epoch {epoch + 1}/{cfg.epochs}", total=n) as bar:
             for b, (x, y, *extras) in enumerate(self._train_loader(epoch)):
+                times["data_s"] += time.perf_counter() - mark
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 extras = tuple(e.to(self.device, non_blocking=True) for e in extras)
                 target = y
@@ -315,15 +325,19 @@ class _Trainer:
                     scaled = loss / window
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 if is_step:
+                    step_start = time.perf_counter()
                     self._optimizer_step(step_schedule)
+                    times["optimizer_s"] += time.perf_counter() - step_start
                 loss_sum += value * len(x)
                 correct += self._batch_score(logits.detach(), target)
                 count += len(x)
                 bar.update(loss=loss_sum / count, acc=correct / count, lr=self.schedule.lr)
                 bar.advance()
+                mark = time.perf_counter()
+        times["compute_s"] = time.perf_counter() - start - times["data_s"] - times["optimizer_s"]
         ddp.broadcast_buffers(self.model, self.info)
         loss_sum, correct, count = ddp.all_reduce_sum([loss_sum, correct, count], self.device, self.info)
-        return loss_sum / count, correct / count
+        return loss_sum / count, correct / count, times
 
     def _batch_score(self, logits: torch.Tensor, target: torch.Tensor) -> float:
         """Correct predictions in a training batch; with a user metric, the batch's metric times its size (the
@@ -389,6 +403,47 @@ class _Trainer:
 
     # -- checkpoint and resume -----------------------------------------------------------------------------
 
+    def _budget_epochs(self, budget_s: float) -> int:
+        """The epochs (at most cfg.epochs) that fit in `budget_s`: a run being resumed keeps its own choice, else
+        a few training steps of a throwaway copy of the model are timed, and evaluation is added at its share."""
+        path = self.work_dir / LAST_CHECKPOINT
+        if path.exists():
+            state = load_torch(path, "training checkpoint")
+            if isinstance(state, dict) and state.get("format") == _CHECKPOINT_FORMAT:
+                return int(state["epochs"])
+        per_batch = self._time_steps(copy.deepcopy(self.model))
+        evaluated = len(self.bundle.val) + _clean_train_size(self.bundle)
+        # A forward alone costs about a third of a training step (forward + backward + update).
+        epoch_s = per_batch * (self.num_batches + evaluated / self.cfg.batch_size / 3)
+        fits = max(1, min(self.cfg.epochs, int(budget_s // epoch_s)))
+        # Ranks may time differently: all take the mean, so every rank builds the same schedule.
+        (total,) = ddp.all_reduce_sum([float(fits)], self.device, self.info)
+        epochs = int(total // self.info.world_size)
+        self.reporter.log(
+            f"time budget {budget_s:g} s: about {epoch_s:.1f} s an epoch ({per_batch * 1e3:.0f} ms a batch), so "
+            f"{epochs} epoch(s)" + (f" (the cap, epochs: {self.cfg.epochs})" if epochs == self.cfg.epochs else "")
+        )
+        return epochs
+
+    def _time_steps(self, probe: nn.Module, batches: int = 6) -> float:
+        """Seconds per training step of `probe` (the first step, which sets kernels up, not counted)."""
+        probe.train()
+        optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
+        timed, start = 0, 0.0
+        for b, (x, y, *extras) in enumerate(self._train_loader(0)):
+            if b == 1:
+                start = time.perf_counter()
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = probe(x)
+            self.criterion(logits.float(), x, y, tuple(e.to(self.device) for e in extras)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            timed += int(b >= 1)
+            if timed == batches:
+                break
+        return (time.perf_counter() - start) / max(timed, 1) if timed else 0.0
+
     def _save(self, epoch: int) -> None:
         save_torch(
             {
@@ -407,6 +462,7 @@ class _Trainer:
                 "monitor": self.monitor.state_dict(),
                 "clip": self.clip,
                 "rng": rng_state(),
+                "epochs": self.cfg.epochs,  # with a time budget, what the estimate chose: a resume keeps it
             },
             self.work_dir / LAST_CHECKPOINT,
         )
@@ -474,6 +530,7 @@ class _Trainer:
             "train_time_s": sum(h["epoch_time_s"] for h in self.history),
             "precision": self.precision,
             "precision_why": self.precision_why,
+            "time_split": _time_split(self.history),
             "swa": self.swa is not None,
             "resumed_from_epoch": self.resumed_from,
         }
@@ -504,6 +561,19 @@ class _Trainer:
         for name, state in frozen.items():
             averaged.get_submodule(name).load_state_dict(state)
         return averaged
+
+
+def _clean_train_size(bundle: DataBundle) -> int:
+    """How much of the train split is evaluated like val each epoch: as much as val has, within bounds."""
+    return min(max(len(bundle.val), _MIN_CLEAN_TRAIN), _MAX_CLEAN_TRAIN)
+
+
+def _time_split(history: list[dict]) -> dict[str, float]:
+    """The fraction of the epochs' time each part took (data, compute, optimizer, eval), over every epoch run."""
+    parts = ("data_s", "compute_s", "optimizer_s", "eval_s")
+    totals = {p: sum(h.get(p, 0.0) for h in history) for p in parts}
+    whole = sum(h["epoch_time_s"] for h in history) or 1.0
+    return {p.removesuffix("_s"): round(t / whole, 3) for p, t in totals.items()}
 
 
 @torch.no_grad()
