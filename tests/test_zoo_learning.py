@@ -70,7 +70,10 @@ def test_family_learns_small_shapes_with_its_auto_recipe(
     name: str, family: str, epochs: int, min_acc: float, shapes: DataBundle, tmp_path: Path
 ) -> None:
     recipe = auto_recipe(family, BATCH)
-    train = recipe["train"] | {"epochs": epochs, "device": "cpu", "threads": 1, "seed": 0, "deterministic": True}
+    # fp32 and NCHW, as the recipes were measured, and the same on every CPU (auto would train in bf16 on some; in
+    # bf16 and channels_last GoogLeNet's short run reached 43.5% against the 45% bound here: re-tuning is open).
+    train = recipe["train"] | {"epochs": epochs, "device": "cpu", "threads": 1, "seed": 0, "deterministic": True,
+                               "precision": "fp32", "memory_format": "contiguous"}
     _, result = fit(_model(name, family, shapes.in_channels), shapes, TrainConfig.model_validate(train), tmp_path)
 
     assert result.metrics["optimizer_steps"] == 50 * epochs  # 1,600 training images in batches of 32

@@ -190,7 +190,8 @@ class _Trainer:
         self.plan = apply_transfer(model, cfg.transfer) if cfg.transfer else TransferPlan()
         if cfg.activation_checkpointing:
             model.activation_checkpointing = True
-        self.model = model.to(self.device)
+        self.memory_format = _memory_format(cfg.memory_format, model)
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.drop_last = _drop_last(model, len(bundle.train), cfg.batch_size, self.info.world_size)
         self.num_batches = len(self._train_loader(0))
         if self.num_batches == 0:
@@ -244,9 +245,11 @@ class _Trainer:
             train_loss, train_acc, times = self._train_epoch(epoch, step_schedule=not averaging)
             lr = self.schedule.lr
             eval_start = time.perf_counter()
-            val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self._autocast, self.task)
+            val_loss, val_acc = evaluate(
+                self.model, self.val_loader, self.device, self._autocast, self.task, self.memory_format
+            )
             train_eval_loss, train_eval_acc = evaluate(
-                self.model, self.train_eval_loader, self.device, self._autocast, self.task
+                self.model, self.train_eval_loader, self.device, self._autocast, self.task, self.memory_format
             )
             times["eval_s"] = time.perf_counter() - eval_start
             if averaging:
@@ -302,7 +305,7 @@ class _Trainer:
         with self.reporter.task(f"epoch {epoch + 1}/{cfg.epochs}", total=n) as bar:
             for b, (x, y, *extras) in enumerate(self._train_loader(epoch)):
                 times["data_s"] += time.perf_counter() - mark
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x, y = _inputs(x, self.device, self.memory_format), y.to(self.device, non_blocking=True)
                 extras = tuple(e.to(self.device, non_blocking=True) for e in extras)
                 target = y
                 if self.mixup_alpha > 0:
@@ -378,6 +381,10 @@ class _Trainer:
         if step_schedule:
             self.schedule.step_batch()
 
+    def _samples_per_s(self) -> float | None:
+        seconds = sum(h.get("data_s", 0.0) + h.get("compute_s", 0.0) + h.get("optimizer_s", 0.0) for h in self.history)
+        return len(self.history) * len(self.bundle.train) / seconds if seconds > 0 else None
+
     def _chance_loss(self) -> float | None:
         """Cross-entropy of a uniform guess, ln(classes): what a first epoch's val loss is judged against."""
         classes = self.bundle.num_classes
@@ -433,7 +440,7 @@ class _Trainer:
         for b, (x, y, *extras) in enumerate(self._train_loader(0)):
             if b == 1:
                 start = time.perf_counter()
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = _inputs(x, self.device, self.memory_format), y.to(self.device)
             with self._autocast():
                 logits = probe(x)
             self.criterion(logits.float(), x, y, tuple(e.to(self.device) for e in extras)).backward()
@@ -512,7 +519,7 @@ class _Trainer:
         val_loss, val_acc = evaluate(final, self.val_loader, self.device, task=self.task)
         if self.cfg.activation_checkpointing:  # only a training-time setting; hand back a plain model
             final.activation_checkpointing = False
-        final = final.cpu().eval()
+        final = final.cpu().to(memory_format=torch.contiguous_format).eval()  # plain strides for export and saving
 
         if self.stopper is not None and self.stopper.best_epoch >= 0:
             best = self.history[self.stopper.best_epoch]
@@ -531,6 +538,8 @@ class _Trainer:
             "precision": self.precision,
             "precision_why": self.precision_why,
             "time_split": _time_split(self.history),
+            # Samples trained per second of training (batches waited for, forward, backward, steps; evaluation not).
+            "train_samples_per_s": self._samples_per_s(),
             "swa": self.swa is not None,
             "resumed_from_epoch": self.resumed_from,
         }
@@ -563,6 +572,21 @@ class _Trainer:
         return averaged
 
 
+def _memory_format(asked: str, model: nn.Module) -> torch.memory_format:
+    """channels_last where asked, or (auto) for a model with 2-D convolutions; else the layout as given."""
+    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if asked == "channels_last" or (asked == "auto" and convolutional):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _inputs(x: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """A batch on `device`, in `memory_format` where it has the 4 dimensions that format describes."""
+    if x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=memory_format)
+    return x.to(device, non_blocking=True)
+
+
 def _clean_train_size(bundle: DataBundle) -> int:
     """How much of the train split is evaluated like val each epoch: as much as val has, within bounds."""
     return min(max(len(bundle.val), _MIN_CLEAN_TRAIN), _MAX_CLEAN_TRAIN)
@@ -583,6 +607,7 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     task: Task | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[float, float]:
     """Mean loss (cross-entropy, or the task's own loss) and the task's metric (top-1 by default) of `model`
     (eval mode) over `loader`."""
@@ -591,7 +616,7 @@ def evaluate(
     loss_sum, count = 0.0, 0
     metric = task.accumulator()
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _inputs(x, device, memory_format), y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
         logits = logits.float()
