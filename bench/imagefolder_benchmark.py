@@ -143,8 +143,8 @@ def markdown(r: dict, val_samples: int) -> str:
         f"Latest `python bench/imagefolder_benchmark.py`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, on "
         f"{cpu_model()} with {isa({'isa': cpu_isa()})}, 2 threads; load average [{load[0]}] before, [{load[1]}] "
         f"after. 12 classes of 28x28 crops of three real photographs (bench/photo_patches.py, 10,080 images; "
-        f"{val_samples} in the seeded validation split, the same for both). deploykit's wall time and samples/s include "
-        "its evaluation after every epoch; the baseline evaluates once, at the end.",
+        f"{val_samples} in the seeded validation split, the same for both). deploykit's wall time and samples/s "
+        "include its evaluation after every epoch; the baseline evaluates once, at the end.",
         "",
         "| model | val top-1 | training wall time | samples/s | epochs |",
         "|---|---|---|---|---|",
