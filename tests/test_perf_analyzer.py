@@ -245,3 +245,20 @@ def test_cli_loadtest_with_perf_analyzer_prints_levels_and_judges(triton, tmp_pa
     assert [level["users"] for level in saved["levels"]] == [1, 2] and (out / "perf_analyzer.csv").is_file()
     refused = CliRunner().invoke(app, [*common, "--engine", "torchserve", "--out", str(out)])
     assert refused.exit_code != 0 and "use --client locust for TorchServe" in refused.output
+
+
+def test_an_unstable_measurement_is_retried_with_twice_the_bound_up_to_100(monkeypatch):
+    tried: list[float] = []
+
+    def fake(url, model, stability_percentage, **settings):
+        tried.append(stability_percentage)
+        if stability_percentage < 100.0:
+            raise pa.UnstableMeasurement("no stable measurement")
+        return [{"users": 1}]
+
+    monkeypatch.setattr(pa, "run_perf_analyzer", fake)
+    assert pa.run_settled("http://127.0.0.1:1", "m", 25.0) == ([{"users": 1}], 100.0)
+    assert tried == [25.0, 50.0, 100.0]
+    monkeypatch.setattr(pa, "run_perf_analyzer", lambda *a, **k: (_ for _ in ()).throw(pa.UnstableMeasurement("x")))
+    with pytest.raises(pa.UnstableMeasurement):  # past 100% it is the measurement's failure, said as such
+        pa.run_settled("http://127.0.0.1:1", "m", 60.0)

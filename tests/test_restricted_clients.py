@@ -136,7 +136,7 @@ def test_perf_analyzer_sends_the_key_and_never_shows_it(keyed, protocol, tmp_pat
         pa.find_perf_analyzer()
     except DeploykitError as e:
         pytest.skip(f"perf_analyzer cannot run here: {e}")
-    rows, _ = pa.run_settled(  # retried once, looser, on a neighbour's burst of load
+    rows, _ = pa.run_settled(  # retried, looser, on a neighbour's bursts of load
         keyed.http_url, keyed.model, protocol=protocol, grpc_url=keyed.grpc_url, concurrency=[1], out_dir=tmp_path,
         **FAST,
     )  # fmt: skip

@@ -47,14 +47,14 @@ def _pipeline(tmp_path, name: str, train: dict, quantize: bool = False):
     })  # fmt: skip
 
 
+@pytest.mark.side  # the other pytest process has more room (Makefile)
 def test_a_bf16_trained_model_exports_and_quantizes_like_an_fp32_one(tmp_path):
-    bf16 = {o.name: o.metrics for o in run_pipeline(_pipeline(tmp_path, "bf16", {"precision": "bf16"}, True))}
-    fp32 = run_pipeline(_pipeline(tmp_path, "fp32", {"precision": "fp32"}))[0].metrics
-    train, export, quantize = bf16["train"], bf16["export"], bf16["quantize"]
+    """bf16 training's accuracy range against fp32 is measured in bench/train_speed.py (BENCHMARKS.md); here the
+    model it leaves behaves as an fp32-trained one does downstream."""
+    stages = {o.name: o.metrics for o in run_pipeline(_pipeline(tmp_path, "bf16", {"precision": "bf16"}, True))}
+    train, export, quantize = stages["train"], stages["export"], stages["quantize"]
     assert train["precision"] == "bf16" and train["precision_why"] == "set in the pipeline"
-    assert fp32["precision"] == "fp32"
-    assert train["val_acc"] > 0.8 and fp32["val_acc"] > 0.8, (train["val_acc"], fp32["val_acc"])
-    assert abs(train["val_acc"] - fp32["val_acc"]) < 0.05  # the same accuracy range (both evaluated in fp32)
+    assert train["val_acc"] > 0.8, train["val_acc"]  # evaluated in fp32, as it is exported
     assert export["parity"]["max_abs_diff"] < 1e-3  # the checkpoint's weights are fp32, as after fp32 training
     assert quantize["int8_accuracy"] >= quantize["fp32_accuracy"] - 0.02
 
