@@ -26,9 +26,16 @@ from deploykit.files import atomic_write_json
 from deploykit.loadtest import inputs_note, metrics
 from deploykit.loadtest.slo import PERCENTILES, SLO, verdict
 from deploykit.progress import Reporter, Task, silent
-from deploykit.serve.access import TORCHSERVE_KEY_FILE_ENV, client_access
+from deploykit.serve.access import client_access
 from deploykit.serve.engines import engine_traits
-from deploykit.serve.oip import TORCHSERVE_INPUT_NAME, OipClient, check_samples, oip_body, sample_shape
+from deploykit.serve.oip import (
+    TORCHSERVE_INPUT_NAME,
+    OipClient,
+    check_samples,
+    key_refused,
+    oip_body,
+    sample_shape,
+)
 from deploykit.serve.process import ServerProcess, http_status
 from deploykit.serve.triton import ModelControl
 
@@ -91,7 +98,7 @@ def _preflight_torchserve(url: str, model: str, input_shape: tuple[int, ...] | N
     status, text = client.request("/ping")
     if status != 200:
         said = "nothing answered" if status == 0 else f"it answered {status}"
-        fix = _TOKEN_FIX if _token_refused(status, text) else "start it or fix the URL"
+        fix = key_refused(status, text, "torchserve") or "start it or fix the URL"
         raise DeploykitError(f"TorchServe at {url} does not answer /ping with 200 ({said}): {fix}.")
     check_samples(samples, tuple(input_shape), model)
     status, text = client.post_infer(oip_body(TORCHSERVE_INPUT_NAME, "FP32", np.zeros(input_shape, np.float32)))
@@ -103,18 +110,13 @@ def _preflight_torchserve(url: str, model: str, input_shape: tuple[int, ...] | N
             "check the name (its management API's /models lists them)."
         )
     if status != 200:
-        fix = "check input_shape, or the server's log if the model is still loading"
+        fix = key_refused(status, text, "torchserve") or (
+            "check input_shape, or the server's log if the model is still loading"
+        )
         raise DeploykitError(
             f"Model '{model}' on TorchServe at {url} answered {status} to an input of shape {tuple(input_shape)}: "
-            f"{_TOKEN_FIX if _token_refused(status, text) else fix}."
+            f"{fix}."
         )
-
-
-_TOKEN_FIX = f"it refused the token: set {TORCHSERVE_KEY_FILE_ENV} to the key_file.json it wrote at start"
-
-
-def _token_refused(status: int, text: str) -> bool:
-    return status in (401, 403) or "InvalidKeyException" in text  # TorchServe 0.12 answers a bad token with 400
 
 
 def summarize_timings(timings: np.ndarray, warmup_s: float, users: int, log: Path) -> LoadResult:

@@ -4,8 +4,8 @@ Server side, `ServerAccess` turns `deploykit serve`'s flags into Triton's own op
 `--grpc-restricted-protocol`, `--grpc-use-ssl...`), after checking every file before the server starts. Client side,
 `client_access()` is what every deploykit client sends: the key named by the environment (`DEPLOYKIT_KEY`, or
 `DEPLOYKIT_KEY_FILE`; TorchServe's `key_file.json` in `DEPLOYKIT_TORCHSERVE_KEY_FILE`) and the CA to trust for gRPC
-TLS. The environment is the
-channel on purpose: locust and perf_analyzer run as child processes and the locustfile also runs on its own.
+TLS. The environment is the channel on purpose: locust and perf_analyzer run as child processes, and the locustfile
+also runs on its own.
 """
 
 from __future__ import annotations

@@ -66,12 +66,14 @@ def check_samples(samples: str | Path | None, shape: tuple[int, ...], model: str
         )
 
 
-def _why(status: int, engine: str) -> str:
-    if engine == "torchserve" and status in (400, 401):  # TorchServe 0.12 answers a missing token with 400
-        return f"TorchServe wants its token: set {TORCHSERVE_KEY_FILE_ENV} to the key_file.json it wrote at start."
+def key_refused(status: int, text: str, engine: str) -> str | None:
+    """What to do when a server refused the caller's key (Triton: 403 on a restricted API; TorchServe 0.12: 400 with
+    InvalidKeyException, even for /ping), or None when the answer is not a refusal of the key."""
+    if engine == "torchserve" and (status in (401, 403) or "InvalidKeyException" in text):
+        return f"it refused the token: set {TORCHSERVE_KEY_FILE_ENV} to the key_file.json it wrote at start"
     if status in (401, 403):
-        return f"the server wants a key: set {KEY_FILE_ENV} (or {KEY_ENV}) to the one it was started with."
-    return "is it loaded?"
+        return f"the server wants a key: set {KEY_FILE_ENV} (or {KEY_ENV}) to the one it was started with"
+    return None
 
 
 class OipClient:
@@ -115,7 +117,7 @@ class OipClient:
                 f"No server answers at {self.url} ({text}): start one with `deploykit serve` or fix the URL."
             )
         if status != 200:
-            raise DeploykitError(
-                f"Model '{self.model}' has no metadata at {self.url} ({status}): {_why(status, self.engine)}"
-            )
+            fix = key_refused(status, text, self.engine)
+            why = f"{fix}." if fix else "is it loaded?"
+            raise DeploykitError(f"Model '{self.model}' has no metadata at {self.url} ({status}): {why}")
         return json.loads(text)

@@ -31,10 +31,10 @@ def free_ports_on(count: int, host: str = "127.0.0.1") -> list[int]:
         return [int(s.getsockname()[1]) for s in sockets]
 
 
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """The HTTP status `url` answers with, or None when nothing answers."""
+def http_status(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> int | None:
+    """The HTTP status a GET of `url` (with `headers`) answers with, or None when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)

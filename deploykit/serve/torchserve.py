@@ -20,7 +20,7 @@ from deploykit.errors import DeploykitError
 from deploykit.package.torchserve_archive import read_store_models, write_config_properties
 from deploykit.serve.access import TORCHSERVE_KEY_FILE_ENV, torchserve_keys
 from deploykit.serve.engines import ENGINES
-from deploykit.serve.process import ServedEndpoints, ServerProcess, client_host, free_port
+from deploykit.serve.process import ServedEndpoints, ServerProcess, client_host, free_port, http_status
 
 MIN_JAVA = 11
 # TorchServe's working directory, under the log dir, mode 0700: it writes key_file.json there, with the umask's mode
@@ -182,7 +182,7 @@ class TorchServeServer(ServedEndpoints):
 
     def _wait_ping(self, headers: dict[str, str], deadline: float) -> None:
         url = f"{self.endpoints['inference']}/ping"
-        while _status(url, headers) != 200:
+        while http_status(url, headers=headers) != 200:
             self._check_alive(f"answering {url}", deadline)
             time.sleep(0.2)
 
@@ -271,17 +271,6 @@ def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
     return path
-
-
-def _status(url: str, headers: dict[str, str]) -> int | None:
-    """The HTTP status of a GET of `url`, or None when nothing answers."""
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return None
 
 
 def _ready_workers(url: str, headers: dict[str, str]) -> int | None:
