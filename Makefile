@@ -50,15 +50,9 @@ setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(PERF_VENV)/.installed prom
 demo: setup
 	$(BIN)/deploykit optimize -c pipelines/quickstart.yaml
 
-# Two pytest processes: tests that run OpenVINO in-process get one of their own (inside the big one, its next
-# Triton start-up crashed the interpreter after ~230 tests; never reproduced alone), with the tests marked `side`
-# to even out the two. They run side by side, since much of the big one waits on servers and load windows; the
-# small one's output follows the big one's.
+# Three pytest processes side by side: tests/parallel.sh says which and why.
 test: setup
-	@log=$$(mktemp); $(BIN)/python -m pytest -q -p no:cacheprovider -m "openvino or side" > $$log 2>&1 & ov=$$!; \
-	$(BIN)/python -m pytest -q --durations=15 -m "not openvino and not side"; main=$$?; \
-	wait $$ov; ovrc=$$?; echo "== OpenVINO and side tests (run alongside) =="; cat $$log; rm -f $$log; \
-	test $$main -eq 0 && test $$ovrc -eq 0
+	@bash tests/parallel.sh $(BIN)/python
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # plugin_stages for engine tests
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-# Before torch loads OpenMP: spinning worker threads collapse throughput when the shared CI cores are busy.
+# Before torch loads OpenMP. `make test` runs two pytest processes on 2 cores, so one OpenMP thread each (children
+# inherit it). Two quickstart trainings side by side took 9 s with one thread each, 41 s with two spinning threads
+# each and 227 s with two passive ones (this file's old setting): two-thread pools that share cores stall each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -70,11 +70,11 @@ def test_quickstart_full_chain_decides_serves_judges_and_reruns_from_cache(in_tm
     """What the chain decides and proves, never how fast this machine is: CI machines differ 3x in INT8 speed."""
     from deploykit.loadtest.slo import get_slo, verdict
 
-    # The user's quickstart file with shorter measurement windows (the suite's time on 2 cores): what it decides,
-    # serves and judges does not depend on them.
+    # The user's quickstart file with shorter measurement windows, measured in this process (nine worker start-ups
+    # are ~25 s of the suite's 2 cores): what it decides, serves and judges does not depend on either.
     cfg = yaml.safe_load((REPO / "pipelines/quickstart.yaml").read_text())
     stages = {stage["stage"]: stage for stage in cfg["stages"]}
-    stages["benchmark"]["window_s"] = 0.25
+    stages["benchmark"].update(window_s=0.25, isolate=False)
     stages["deploy"].update(users=[1, 8], duration_s=4)
     (in_tmp / "q.yaml").write_text(yaml.safe_dump(cfg))
     result = runner.invoke(app, ["optimize", "-c", "q.yaml", "-q"])

@@ -77,8 +77,8 @@ def test_perf_analyzer_tune_and_fuzz_are_refused_on_torchserve():
 
 def test_deploy_tunes_then_serves_the_tuned_config_judged_by_perf_analyzer(tmp_path):
     deploy = {
-        "stage": "deploy", "tune": True, "tune_budget_s": 6, "client": "perf_analyzer", "users": [2],
-        "duration_s": 3, "slo": {"max_latency_ms": 1000.0, "min_throughput": 1.0},
+        "stage": "deploy", "tune": True, "tune_budget_s": 2, "tune_window_ms": 300, "client": "perf_analyzer",
+        "users": [2], "duration_s": 3, "slo": {"max_latency_ms": 1000.0, "min_throughput": 1.0},
         "restrict": True,  # perf_analyzer sends the key too
     }  # fmt: skip
     m = run_pipeline(tiny_pipeline(tmp_path, [{"stage": "export"}, deploy]))[-1].metrics

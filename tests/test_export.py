@@ -139,6 +139,7 @@ def pipeline(stages, name="exp", **data):
     )
 
 
+@pytest.mark.side  # ~20 s: `make test` runs it in the second process
 def test_export_stage_in_a_pipeline_and_its_reproduce_script(in_tmp):
     stages = [
         {"stage": "train", "epochs": 1, "batch_size": 128, "threads": 1},

@@ -212,7 +212,21 @@ def test_standalone_locustfile_refuses_bad_settings():
     assert out.returncode == 1 and "The key in $DEPLOYKIT_KEY is not 16-512 characters" in out.stderr
 
 
+def test_the_run_clock_starts_at_the_first_request_not_at_locusts_start(triton, tmp_path):
+    """locust's -t (30 s here) is only the backstop: the locustfile stops DEPLOYKIT_RUN_S after its first request, so
+    a slow start on a busy machine cannot shrink the measured window (it once left nothing after the warm-up)."""
+    timings = tmp_path / "timings.npy"
+    argv = [sys.executable, "-m", "locust", "-f", str(runner.LOCUSTFILE), "--headless", "--only-summary"]
+    argv += ["-u", "1", "-r", "1", "-t", "30s", "--host", triton.http_url, "--stop-timeout", "5"]
+    env = {**os.environ, "DEPLOYKIT_MODEL": triton.model, "DEPLOYKIT_RUN_S": "2", "DEPLOYKIT_SAMPLES_OUT": str(timings)}
+    out = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    starts = np.load(timings)[:, 0]
+    assert 1.5 <= starts.max() - starts.min() <= 3.0, f"{len(starts)} requests over {starts.max() - starts.min():.2f} s"
+
+
 def test_a_locust_past_its_time_limit_is_stopped(triton, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_START_GRACE_S", 0)
     monkeypatch.setattr(runner, "_EXIT_MARGIN_S", -2.0)  # a 3 s run allowed 1 s: as if locust hung
     with pytest.raises(DeploykitError, match="still running 1 s after a 3 s test and was stopped"):
         run_locust(triton.http_url, triton.model, users=1, spawn_rate=1, duration_s=3, workdir=tmp_path)

@@ -134,7 +134,9 @@ def test_tiny_model_learns_a_separable_problem(tmp_path: Path) -> None:
     parts = row["data_s"] + row["compute_s"] + row["optimizer_s"] + row["eval_s"]
     # each part is rounded to the millisecond, so four of them may sum a little above the whole
     assert 0 < parts <= row["epoch_time_s"] + 0.002 and min(row[k] for k in ("compute_s", "eval_s")) > 0
-    assert 0.5 < sum(result.metrics["time_split"].values()) <= 1.01  # fractions of the epochs' time (the rest: saving)
+    # fractions of the epochs' time (the rest: saving); three 50-ms epochs' millisecond rounding can add ~1.5%
+    slack = 3 * 5 * 0.0005 / result.metrics["train_time_s"] + 0.002
+    assert 0.5 < sum(result.metrics["time_split"].values()) <= 1 + slack
     assert result.metrics["epochs_run"] == 3 and not result.metrics["stopped_early"] and not result.metrics["swa"]
     assert result.metrics["resumed_from_epoch"] is None
     assert not model.training and next(model.parameters()).device.type == "cpu"

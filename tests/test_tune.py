@@ -52,6 +52,7 @@ def test_the_most_throughput_within_the_slo_wins_else_the_lowest_p95():
         best_row(rows[3:], max_p95_ms=5.0)
 
 
+@pytest.mark.side  # ~25 s: `make test` runs it in the second process
 def test_a_short_real_search_writes_a_config_triton_loads(tmp_path):
     onnx = export_tiny(tmp_path / "tiny.onnx")
     samples = tmp_path / "samples.npy"

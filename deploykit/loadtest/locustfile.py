@@ -14,6 +14,7 @@ Configured by environment variables, so the same file serves `deploykit loadtest
                            DEPLOYKIT_GRPC_TLS_KEY: the client's own, for mutual TLS)
     DEPLOYKIT_SAMPLES_OUT  where to write every request's raw timing at exit (.npy: rows of
                            [start time s since epoch, response time ms, success 0/1]; any other suffix: JSON)
+    DEPLOYKIT_RUN_S        stop this many seconds after the first request (unset: locust's own --run-time only)
 
 Locust's own percentiles are rounded to whole milliseconds; the raw timings written here are not.
 """
@@ -26,6 +27,7 @@ from itertools import cycle
 from typing import Any
 from urllib.parse import urlsplit
 
+import gevent
 import grpc.experimental.gevent
 import numpy as np
 from locust import FastHttpUser, User, constant, constant_throughput, events, task
@@ -52,6 +54,9 @@ PROTOCOL = os.environ.get("DEPLOYKIT_PROTOCOL", "http")
 MODEL = os.environ.get("DEPLOYKIT_MODEL", "")
 # Requests per second per user for an open-rate load (the soak); unset: back to back, a closed loop.
 RATE_PER_USER = float(os.environ.get("DEPLOYKIT_RATE_PER_USER") or 0)
+# The run's clock starts at the first request, so a slow start (imports, metadata, encoding the inputs on a busy
+# machine) never eats the measured window; locust's --run-time stays as the backstop.
+RUN_S = float(os.environ.get("DEPLOYKIT_RUN_S") or 0)
 _MAX_BODIES = 32  # requests cycle through at most this many pre-encoded inputs: JSON of a 224x224 image is ~1.5 MB
 
 # Settings are checked at import, so a bad one stops locust with this sentence before any user starts.
@@ -119,6 +124,12 @@ def http_bodies(host: str) -> list[tuple[bytes, dict[str, str]]]:
 # ---- raw timings --------------------------------------------------------------------------------------
 
 _timings: list[tuple[float, float, float]] = []  # (start s since epoch, response time ms, success)
+_environment: list[Any] = []  # locust's Environment, kept at init for the run clock
+
+
+@events.init.add_listener
+def _keep_environment(environment: Any, **_: Any) -> None:
+    _environment.append(environment)
 
 
 @events.request.add_listener
@@ -126,6 +137,8 @@ def _record(
     response_time: float, exception: BaseException | None = None, start_time: float | None = None, **_: Any
 ) -> None:
     started = start_time if start_time is not None else time.time() - response_time / 1000
+    if RUN_S and not _timings and _environment and _environment[0].runner is not None:
+        gevent.spawn_later(RUN_S, _environment[0].runner.quit)
     _timings.append((started, float(response_time), 0.0 if exception else 1.0))
 
 

@@ -40,7 +40,8 @@ from deploykit.serve.process import ServerProcess, http_status
 from deploykit.serve.triton import ModelControl
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-_EXIT_MARGIN_S = 30.0  # locust's start-up (~1-2 s on a busy machine), --stop-timeout 5, writing the timings
+_EXIT_MARGIN_S = 30.0  # --stop-timeout 5 and writing the timings, after the run
+_START_GRACE_S = 30  # the users' start (imports, metadata, encoding) before the first request starts the clock
 
 
 @dataclass
@@ -201,6 +202,7 @@ def run_locust(
     log, timings_path = workdir / "locust.log", workdir / "timings.npy"
     for old in (log, timings_path):  # never read a previous run's output
         old.unlink(missing_ok=True)
+    seconds = math.ceil(duration_s)  # counted from the first request; locust's -t is the backstop for a stuck start
     env = {
         **os.environ,
         "DEPLOYKIT_ENGINE": engine,
@@ -208,6 +210,7 @@ def run_locust(
         "DEPLOYKIT_MODEL": model,
         "DEPLOYKIT_GRPC_URL": grpc_url,
         "DEPLOYKIT_SAMPLES_OUT": str(timings_path),
+        "DEPLOYKIT_RUN_S": str(seconds),
     }
     env.pop("DEPLOYKIT_RATE_PER_USER", None)
     if rate_per_user:
@@ -217,15 +220,15 @@ def run_locust(
         env["DEPLOYKIT_SAMPLES_IN"] = str(Path(samples).resolve())
     if input_shape is not None:
         env["DEPLOYKIT_INPUT_SHAPE"] = ",".join(str(d) for d in input_shape)
-    seconds = math.ceil(duration_s)
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary"]
-    argv += ["-u", str(users), "-r", f"{spawn_rate:g}", "-t", f"{seconds}s", "--host", url, "--stop-timeout", "5"]
+    argv += ["-u", str(users), "-r", f"{spawn_rate:g}", "-t", f"{seconds + _START_GRACE_S}s", "--host", url]
+    argv += ["--stop-timeout", "5"]
 
     before = metrics.scrape(metrics_url) if metrics_url else {}
     # cwd=workdir: locust would otherwise read a locust.conf or pyproject.toml from wherever we run
     proc = ServerProcess(argv, log, env=env, cwd=workdir)
     try:
-        _wait(proc, seconds + _EXIT_MARGIN_S, seconds, progress)
+        _wait(proc, seconds + _START_GRACE_S + _EXIT_MARGIN_S, seconds, progress)
     finally:
         proc.stop()
     if proc.proc.returncode not in (0, 1):  # 1: some requests failed, which the numbers show

@@ -54,6 +54,9 @@ class DeployConfig(SLOSettings):
     tune_budget_s: float = Field(
         120.0, gt=0.0, description="Seconds the tuning search may take; base and pick are then measured again."
     )
+    tune_window_ms: int = Field(
+        1000, ge=100, description="Tuning: perf_analyzer's measurement window; each candidate takes three or more."
+    )
     fuzz: bool = Field(
         False,
         description="Triton: also send the bad-input corpus (30+ malformed requests per protocol); a crash fails a "
@@ -261,7 +264,7 @@ class DeployStage(Stage):
             np.save(f, samples)
         result = tune_triton(
             ref.path, name, out, base=base, max_p95_ms=cfg.target().max_latency_ms, concurrency=max(cfg.users),
-            samples=samples_file, budget_s=cfg.tune_budget_s, reporter=ctx.reporter,
+            samples=samples_file, budget_s=cfg.tune_budget_s, window_ms=cfg.tune_window_ms, reporter=ctx.reporter,
         )  # fmt: skip
         best = result["tried"][result["best"]]
         ctx.reporter.log(
