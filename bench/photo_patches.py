@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,26 +60,36 @@ def crop(photo: Image.Image, cell: tuple[int, int, int, int], size: int, rng: np
 
 def write(out: Path, per_class: int, size: int, seed: int = 0) -> int:
     """Write the dataset into `out` (replaced whole, through a temporary folder); returns the number of images."""
+    makers = {
+        f"{name}-{i}": (lambda rng, photo=photo, cell=cell: crop(photo, cell, size, rng))
+        for name, photo in photographs().items()
+        for i, cell in enumerate(cells(photo))
+    }
+    return write_classes(out, makers, per_class, seed)
+
+
+def write_classes(out: Path, makers: dict[str, Callable[[np.random.Generator], Image.Image]], per_class: int,
+                  seed: int) -> int:  # fmt: skip
+    """`per_class` images from each class's maker, one rng for all, into out/<class>/NNNNN.png; `out` is replaced
+    whole through a temporary folder, so a crash never leaves half a dataset. Returns the number of images."""
     rng = np.random.default_rng(seed)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    count = 0
-    for name, photo in photographs().items():
-        for i, cell in enumerate(cells(photo)):
-            folder = tmp / f"{name}-{i}"
-            folder.mkdir(parents=True)
-            for k in range(per_class):
-                crop(photo, cell, size, rng).save(folder / f"{k:05d}.png")
-                count += 1
+    for name, make in makers.items():
+        folder = tmp / name
+        folder.mkdir(parents=True)
+        for k in range(per_class):
+            make(rng).save(folder / f"{k:05d}.png")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return count
+    return per_class * len(makers)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dataset_main(write: Callable[..., int], doc: str, per_class: int) -> None:
+    """The command line of a dataset script: out folder, --per-class, --size, --seed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--per-class", type=int, default=840)
+    parser.add_argument("--per-class", type=int, default=per_class)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -86,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    dataset_main(write, __doc__, per_class=840)

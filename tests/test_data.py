@@ -287,6 +287,21 @@ def test_random_crop_keeps_shape_and_shifts_content():
     assert shifted > 0
 
 
+def test_random_crop_pads_with_the_mean_colour_not_black():
+    """After normalisation the border is 0, the mean colour: the shift is the plain normalised image, moved."""
+    crop = AugmentConfig(random_crop=True, crop_padding=3)
+    bundle = _build(dataset="digits", image_size=16, normalize=True, augment=crop)
+    assert abs(bundle.mean[0] / bundle.std[0]) > 0.1  # black, normalised, is far from 0
+    shifted = 0
+    for i in range(20):
+        x, _ = bundle.train[i]
+        plain, _ = bundle.train.item(i, augment=False)  # normalised, not augmented
+        padded = torch.nn.functional.pad(plain, (3, 3, 3, 3))  # zeros in the model's input space
+        assert any(torch.equal(x, padded[:, t : t + 16, s : s + 16]) for t in range(7) for s in range(7))
+        shifted += not torch.equal(x, plain)
+    assert shifted > 0
+
+
 def test_cutout_zeroes_a_square_of_the_right_size():
     g = torch.Generator().manual_seed(0)
     full_squares = 0

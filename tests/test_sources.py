@@ -127,6 +127,13 @@ def test_a_factory_model_trains_saves_and_reloads_without_pickle(tmp_path):
     assert "build(classes=3, width=6)" in (outcomes[1].directory / "reproduce_export.py").read_text()
 
 
+def test_recipe_auto_gives_a_user_model_the_generic_recipe(tmp_path):
+    path = pipeline(tmp_path, "{factory: my_models.py:build}", stages="  - {stage: train, recipe: auto, epochs: 1}\n")
+    taken = run_pipeline(load_pipeline(path))[0].metrics["recipe"]
+    assert taken["optimizer"]["name"] == "adamw" and taken["schedule"]["name"] == "onecycle"  # not a zoo family's
+    assert taken["optimizer"]["lr"] == 5e-4 and taken["loss"]["label_smoothing"] == 0.1 and "epochs" not in taken
+
+
 def test_editing_the_factory_file_changes_the_key(tmp_path):
     path = pipeline(tmp_path, "{factory: my_models.py:build}")
     cfg = load_pipeline(path)

@@ -547,7 +547,7 @@ def _digits_cnn(width: int = 16, dropout: float = 0.0) -> nn.Module:
 # loss far above val (the old diagnosis called that over-regularized); over-regularized: dropout 0.6, CutOut,
 # MixUp, heavy weight decay and smoothing 0.2; overfitting: 5% of the data for training, 40 epochs, no augmentation.
 DIAGNOSED_RUNS = {
-    "healthy": ({"augment": {"random_crop": True, "crop_padding": 1}}, {}, 0.0,
+    "healthy": ({"augment": {"random_crop": True, "crop_padding": 2}}, {}, 0.0,
                 {"epochs": 12, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
                  "loss": {"label_smoothing": 0.1}}),
     "over-regularized": ({"augment": {"cutout_size": 5}}, {"dropout": 0.6}, 0.5,

@@ -23,7 +23,7 @@ from deploykit.data.config import DataConfig
 from deploykit.errors import DeploykitError
 from deploykit.train import fit
 from deploykit.train.config import TrainConfig
-from deploykit.train.recipes import auto_recipe, families
+from deploykit.train.recipes import GENERIC, auto_recipe, families
 from deploykit.zoo import get_model
 
 # GoogLeNet trains for ~16 s and the others for 7-11 s: more than unmarked tests should take.
@@ -84,7 +84,7 @@ def test_family_learns_small_shapes_with_its_auto_recipe(
 
 def test_auto_recipe_scales_the_learning_rate_and_validates() -> None:
     assert families() == ["resnet", "mobilenet", "efficientnet", "inception"]
-    for family in families():
+    for family in [*families(), GENERIC]:
         at_64, at_256 = auto_recipe(family, 64), auto_recipe(family, 256)
         assert at_256["train"]["optimizer"]["lr"] == pytest.approx(4 * at_64["train"]["optimizer"]["lr"])
         assert at_256["train"]["batch_size"] == 256
@@ -92,7 +92,7 @@ def test_auto_recipe_scales_the_learning_rate_and_validates() -> None:
     recipe = auto_recipe("resnet", 64)
     recipe["train"]["optimizer"]["lr"] = 1.0
     assert auto_recipe("resnet", 64)["train"]["optimizer"]["lr"] == 0.1  # callers get copies
-    with pytest.raises(DeploykitError, match="family 'vgg'.*resnet"):
+    with pytest.raises(DeploykitError, match="family 'vgg'.*resnet.*or 'generic' for a model of your own"):
         auto_recipe("vgg", 64)
     with pytest.raises(DeploykitError, match="batch_size=0"):
         auto_recipe("resnet", 0)

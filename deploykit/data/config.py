@@ -31,7 +31,9 @@ class AugmentConfig(BaseModel):
     """Training-time augmentation; validation data is never augmented."""
 
     model_config = ConfigDict(extra="forbid")
-    random_crop: bool = Field(False, description="Random crop after zero-padding by `crop_padding` pixels.")
+    random_crop: bool = Field(
+        False, description="Random crop after padding by `crop_padding` pixels of the mean colour (0 once normalised)."
+    )
     crop_padding: int = Field(4, ge=0, description="Padding in pixels for the random crop.")
     hflip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
     cutout_size: int = Field(0, ge=0, description="Side of the square CutOut mask in pixels; 0 disables CutOut.")

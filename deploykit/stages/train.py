@@ -18,7 +18,8 @@ class TrainStageConfig(TrainConfig):
     recipe: Literal["none", "auto"] = Field(
         "none",
         description="auto: every training field left unset (optimizer, schedule, loss, grad_clip_norm, epochs) "
-        "comes from the model family's small-image recipe (deploykit/train/recipes.py).",
+        "comes from the model family's small-image recipe, or for a model of your own the generic one "
+        "(deploykit/train/recipes.py).",
     )
 
 
@@ -35,7 +36,7 @@ class TrainStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         from deploykit.train import fit
         from deploykit.train.outputs import publish_model
-        from deploykit.train.recipes import apply_recipe
+        from deploykit.train.recipes import GENERIC, apply_recipe
         from deploykit.zoo import model_family
 
         bundle, arch = ctx.data(), ctx.arch()
@@ -43,8 +44,7 @@ class TrainStage(Stage):
         mixup = ctx.pipeline.data.augment.mixup_alpha
         cfg, taken = self.config, {}
         if cfg.recipe == "auto":
-            # A user model has no zoo family: it takes the ResNet recipe (SGD, warm-up then cosine), the most general.
-            family = model_family(arch["name"]) if "name" in arch else "resnet"
+            family = model_family(arch["name"]) if "name" in arch else GENERIC  # a user's own model has no zoo family
             cfg, taken = apply_recipe(cfg, family)
             ctx.reporter.log(
                 f"recipe auto ({family}): {', '.join(f'{k}={v}' for k, v in taken.items()) or 'nothing unset'}"
